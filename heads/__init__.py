@@ -1,0 +1,1 @@
+"""Task heads (SSDLite detection, LR-ASPP segmentation) on mbbackbones backbones."""

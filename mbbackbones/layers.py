@@ -1,0 +1,82 @@
+"""The few blocks every MobileNet is made of."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm -> optional activation; 'same' padding for odd kernels."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, act: str | None = "relu", norm=nn.BatchNorm2d):
+        super().__init__()
+        padding = (kernel_size - 1) // 2 * dilation
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.bn = norm(out_channels)
+        if act is not None:
+            self.act = ACTIVATIONS[act](inplace=True)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global pool -> 1x1 reduce -> ReLU -> 1x1 expand -> hard-sigmoid gate."""
+
+    def __init__(self, channels: int, squeeze_channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, squeeze_channels, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.expand = nn.Conv2d(squeeze_channels, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.expand(self.act(self.reduce(scale))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2/V3 bottleneck: 1x1 expand -> depthwise -> [SE] -> linear 1x1 project (+ residual).
+
+    ``forward`` is split at the expansion output (``expand`` then ``finish``) so that feature taps
+    can read it: that is where SSDLite attaches its first head.
+    """
+
+    def __init__(self, spec, norm=nn.BatchNorm2d, drop_path_rate: float = 0.0):
+        super().__init__()
+        conv = partial(ConvNormAct, norm=norm)
+        exp = spec.expansion_channels
+        self.expand = conv(spec.in_channels, exp, act=spec.act) if exp != spec.in_channels else nn.Identity()
+        self.depthwise = conv(exp, exp, spec.kernel, spec.stride, spec.dilation, groups=exp, act=spec.act)
+        self.se = SqueezeExcite(exp, spec.se_channels) if spec.se_channels else nn.Identity()
+        self.project = conv(exp, spec.out_channels, act=None)
+        self.has_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def finish(self, x: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.se(self.depthwise(expanded)))
+        return x + self.drop_path(out) if self.has_residual else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(x, self.expand(x))
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNetV1 block: depthwise 3x3 -> BN -> act -> pointwise 1x1 -> BN -> act; no expansion."""
+
+    def __init__(self, spec, norm=nn.BatchNorm2d, drop_path_rate: float = 0.0):
+        super().__init__()
+        conv = partial(ConvNormAct, norm=norm, act=spec.act)
+        channels = spec.in_channels
+        self.expand = nn.Identity()
+        self.depthwise = conv(channels, channels, spec.kernel, spec.stride, spec.dilation, groups=channels)
+        self.pointwise = conv(channels, spec.out_channels)
+
+    def finish(self, x: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(expanded))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(x, x)

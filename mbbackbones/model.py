@@ -1,0 +1,212 @@
+"""One MobileNet class for V1, V2 and V3, speaking timm's model API."""
+
+from functools import partial
+from typing import List, Optional, Tuple, Union
+
+import torch
+from timm.layers import SelectAdaptivePool2d
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from .architectures import ARCHS, resolve
+from .layers import ConvNormAct, DepthwiseSeparable, InvertedResidual
+
+OUTPUT_STRIDES = (8, 16, 32)
+FEATURE_LOCATIONS = ("block", "expansion")
+LEVELS = (2, 4, 8, 16, 32)  # nominal strides of C1..C5
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+class MobileNet(nn.Module):
+    """MobileNet V1/V2/V3 backbone and classifier.
+
+    Args:
+        arch: key of ``architectures.ARCHS`` ("v3_large", "v3_small", "v2", "v1").
+        width: width multiplier alpha.
+        reduced_tail: halve the channels between C4 and C5 (paper Table 6, torchvision).
+        output_stride: 32, 16 or 8; the stages past it are dilated instead of strided.
+        feature_location: where C1..C4 are tapped: "block" (output of the last block at each
+            stride) or "expansion" (output of the 1x1 expansion of the next strided block, before
+            its depthwise conv: the paper's SSDLite attachment). C5 is the last conv either way.
+        norm_eps, norm_momentum: BatchNorm settings; default to the architecture's
+            (torchvision's V3: 1e-3 / 0.01; timm checkpoints were trained with eps 1e-5).
+    """
+
+    _block_taps: List[int]  # typed for TorchScript, which cannot infer an empty list
+    _expansion_taps: List[int]
+
+    def __init__(
+        self,
+        arch: str = "v3_large",
+        width: float = 1.0,
+        reduced_tail: bool = False,
+        output_stride: int = 32,
+        feature_location: str = "block",
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
+        norm_eps: Optional[float] = None,
+        norm_momentum: Optional[float] = None,
+    ):
+        super().__init__()
+        _choice("arch", arch, tuple(ARCHS))
+        _choice("output_stride", output_stride, OUTPUT_STRIDES)
+        _choice("feature_location", feature_location, FEATURE_LOCATIONS)
+        if width <= 0:
+            raise ValueError(f"width={width!r} must be positive")
+        spec = ARCHS[arch]
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.num_levels = len(LEVELS)
+        norm = partial(nn.BatchNorm2d, eps=norm_eps or spec.norm_eps, momentum=norm_momentum or spec.norm_momentum)
+        sizes = resolve(spec, width, reduced_tail, output_stride)
+
+        self.stem = ConvNormAct(in_chans, sizes.stem, 3, stride=2, act=spec.act, norm=norm)
+        block_cls = DepthwiseSeparable if spec.family == "v1" else InvertedResidual
+        rates = torch.linspace(0, drop_path_rate, len(sizes.blocks)).tolist()
+        self.blocks = nn.Sequential(*[block_cls(b, norm, rate) for b, rate in zip(sizes.blocks, rates)])
+        last_in = sizes.blocks[-1].out_channels
+        self.last_conv = ConvNormAct(last_in, sizes.last_conv, act=spec.act, norm=norm) if sizes.last_conv else nn.Identity()
+        self.num_features = sizes.last_conv or last_in
+
+        self.head_hidden_size = sizes.head_hidden or self.num_features
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_fc = nn.Linear(self.num_features, sizes.head_hidden) if sizes.head_hidden else nn.Identity()
+        self.head_act = nn.Hardswish(inplace=True) if sizes.head_hidden else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.feature_info, self._block_taps, self._expansion_taps = self._declare_taps(
+            sizes, feature_location, output_stride)
+        self._init_weights()
+
+    def _declare_taps(self, sizes, location: str, output_stride: int):
+        """C1..C5 as timm ``feature_info`` dicts, plus where ``forward_intermediates`` reads them.
+
+        Block taps are points in the block sequence (0: stem output, i + 1: after block i);
+        expansion taps are indices of the blocks whose expansion output is read.
+        """
+        points = [(2, sizes.stem)] + [(b.reduction, b.out_channels) for b in sizes.blocks]
+        info, block_taps, expansion_taps = [], [], []
+        for level, next_level in zip(LEVELS[:-1], LEVELS[1:]):
+            if location == "block":
+                point = max(p for p, (reduction, _) in enumerate(points) if reduction == level)
+                block_taps.append(point)
+                info.append((points[point][1], "blocks.%d" % (point - 1) if point else "stem"))
+            else:
+                index = min(i for i, b in enumerate(sizes.blocks) if b.reduction == next_level)
+                expansion_taps.append(index)
+                info.append((sizes.blocks[index].expansion_channels, "blocks.%d.expand" % index))
+        info.append((self.num_features, "last_conv" if sizes.last_conv else "blocks.%d" % (len(sizes.blocks) - 1)))
+        feature_info = [dict(num_chs=channels, reduction=min(level, output_stride), module=module, stage=i)
+                        for i, ((channels, module), level) in enumerate(zip(info, LEVELS))]
+        return feature_info, block_taps, expansion_taps
+
+    def _init_weights(self) -> None:
+        for m in self.modules():  # torchvision's MobileNet initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^last_conv", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def check_indices(self, indices) -> Tuple[List[int], int]:
+        """timm's ``feature_take_indices`` with a one-line error that names the valid range."""
+        count = len(self.feature_info)
+        wanted = [indices] if isinstance(indices, int) else list(indices if indices is not None else range(count))
+        if isinstance(indices, int) and not 0 < indices <= count or any(not -count <= i < count for i in wanted):
+            strides = ", ".join(str(f["reduction"]) for f in self.feature_info)
+            raise ValueError(f"out_indices={indices!r} is out of range: valid indices are 0..{count - 1} "
+                             f"(C1..C5, strides {strides}); an int n selects the last n")
+        return feature_take_indices(count, indices)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """C1..C5 (``indices`` as in timm: None = all, n = last n, list = those), and the final map."""
+        take_indices, max_index = feature_take_indices(self.num_levels, indices)
+        features: List[torch.Tensor] = []
+        x = self.stem(x)
+        if 0 in self._block_taps:
+            features.append(x)
+        for i, block in enumerate(self.blocks):
+            if i in self._expansion_taps:
+                expanded = block.expand(x)
+                features.append(expanded)
+                x = block.finish(x, expanded)
+            else:
+                x = block(x)
+            if i + 1 in self._block_taps:
+                features.append(x)
+        if max_index == self.num_levels - 1:
+            x = self.last_conv(x)
+            features.append(x)
+        intermediates = [features[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the layers after the last requested tap (and the classifier head)."""
+        take_indices, max_index = self.check_indices(indices)
+        if prune_head:
+            self.reset_classifier(0, "")
+            self.head_fc, self.head_act = nn.Identity(), nn.Identity()
+        if max_index < len(self.feature_info) - 1:
+            self.last_conv = nn.Identity()
+            keep = self._block_taps[max_index] if self._block_taps else self._expansion_taps[max_index] + 1
+            self.blocks = self.blocks[:keep]
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.last_conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.head_act(self.head_fc(self.global_pool(x))))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,162 @@
+"""The registered models: one table of names, architectures, weights and reference numbers.
+
+Importing this module registers every name into timm (``timm.create_model("mbv3_large")``).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from typing import NamedTuple
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .checkpoint import CheckpointError, convert
+from .model import MobileNet
+
+TORCHVISION = "https://download.pytorch.org/models/"
+
+
+class Reference(NamedTuple):
+    """Published numbers for the same architecture (ImageNet top-1, MAdds in millions, params)."""
+
+    source: str
+    top1: float | None
+    madds_m: float | None
+    params: int | float
+
+
+class Entry(NamedTuple):
+    name: str
+    arch: str
+    width: float
+    reduced_tail: bool
+    params: int          # ours, 1000 classes (checked by tests)
+    madds_m: float       # ours at 224x224, millions (one multiply-add = one MAdd)
+    weights: dict        # tag -> pretrained cfg fields; the first tag is the default
+    references: tuple[Reference, ...] = ()
+
+
+def _cfg(**kwargs) -> dict:
+    return {**dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                   interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                   first_conv="stem.conv", classifier="classifier"), **kwargs}
+
+
+def _torchvision(file: str, resize: int = 256) -> dict:
+    return _cfg(url=TORCHVISION + file, crop_pct=round(224 / resize, 4), license="bsd-3-clause",
+                origin_url="https://github.com/pytorch/vision")
+
+
+def _timm(hub_id: str, **kwargs) -> dict:
+    return _cfg(hf_hub_id=hub_id, interpolation="bicubic", license="apache-2.0",
+                origin_url="https://github.com/huggingface/pytorch-image-models", **kwargs)
+
+
+PAPER_V3 = "MobileNetV3 paper, Table 3"
+MODELS = (
+    Entry("mbv3_large", "v3_large", 1.0, False, 5_483_032, 216.6, {
+        "tv2_in1k": _torchvision("mobilenet_v3_large-5c1a4163.pth", resize=232),
+        "tv_in1k": _torchvision("mobilenet_v3_large-8738ca79.pth"),
+    }, (Reference(PAPER_V3, 75.2, 219, 5.4e6), Reference("torchvision mobilenet_v3_large", 75.274, 216.6, 5_483_032))),
+    Entry("mbv3_large_reduced", "v3_large", 1.0, True, 2_569_352, 182.3, {},
+          (Reference("torchvision mobilenet_v3_large(reduced_tail=True)", None, None, 2_569_352),)),
+    Entry("mbv3_large_075", "v3_large", 0.75, False, 3_993_528, 154.6, {},
+          (Reference(PAPER_V3, 73.3, 155, 4.0e6), Reference("timm mobilenetv3_large_075", None, 154.6, 3_993_528))),
+    Entry("mbv3_small", "v3_small", 1.0, False, 2_542_856, 56.5, {
+        "tv_in1k": _torchvision("mobilenet_v3_small-047dcff4.pth"),
+    }, (Reference(PAPER_V3, 67.4, 56, 2.5e6), Reference("torchvision mobilenet_v3_small", 67.668, 56.5, 2_542_856))),
+    Entry("mbv3_small_reduced", "v3_small", 1.0, True, 1_099_672, 43.8, {},
+          (Reference("torchvision mobilenet_v3_small(reduced_tail=True)", None, None, 1_099_672),)),
+    Entry("mbv3_small_075", "v3_small", 0.75, False, 2_041_872, 43.4, {},
+          (Reference(PAPER_V3, 65.4, 44, 2.0e6), Reference("timm mobilenetv3_small_075", None, 43.4, 2_041_872))),
+    Entry("mbv2_100", "v2", 1.0, False, 3_504_872, 300.8, {
+        "tv2_in1k": _torchvision("mobilenet_v2-7ebf99e0.pth", resize=232),
+        "tv_in1k": _torchvision("mobilenet_v2-b0353104.pth"),
+    }, (Reference("MobileNetV2 paper, Table 4", 72.0, 300, 3.4e6),
+        Reference("torchvision mobilenet_v2", 72.154, 300.8, 3_504_872))),
+    Entry("mbv2_050", "v2", 0.5, False, 1_968_680, 97.1, {
+        "lamb_in1k": _timm("timm/mobilenetv2_050.lamb_in1k"),
+    }, (Reference("MobileNetV2 paper, Table 6 (0.5)", 65.4, 97, 1.95e6),
+        Reference("torchvision mobilenet_v2(width_mult=0.5)", None, 97.1, 1_968_680))),
+    Entry("mbv2_035", "v2", 0.35, False, 1_677_128, 59.3, {},
+          (Reference("MobileNetV2 paper, Table 6 (0.35)", 60.3, 59, 1.66e6),
+           Reference("torchvision mobilenet_v2(width_mult=0.35)", None, 59.3, 1_677_128))),
+    Entry("mbv1_100", "v1", 1.0, False, 4_231_976, 568.7, {
+        "ra4_e3600_r224_in1k": _timm("timm/mobilenetv1_100.ra4_e3600_r224_in1k", mean=IMAGENET_INCEPTION_MEAN,
+                                     std=IMAGENET_INCEPTION_STD),
+    }, (Reference("MobileNetV1 paper, Table 8", 70.6, 569, 4.2e6),
+        Reference("timm mobilenetv1_100", None, 568.7, 4_231_976))),
+    Entry("mbv1_050", "v1", 0.5, False, 1_331_592, 149.5, {},
+          (Reference("MobileNetV1 paper, Table 8 (0.5)", 63.7, 149, 1.3e6),
+           Reference("timm builder, width 0.5", None, 149.5, 1_331_592))),
+)
+ENTRIES = {entry.name: entry for entry in MODELS}
+
+default_cfgs = generate_default_cfgs({
+    f"{entry.name}.{tag}": cfg for entry in MODELS for tag, cfg in (entry.weights or {"untrained": _cfg()}).items()
+})
+
+# what timm.create_model may pass besides the model's own arguments
+_BUILDER_ARGS = set(inspect.signature(build_model_with_cfg).parameters) | {"features_only", "out_indices",
+                                                                            "feature_cls", "pruned"}
+_VALID_ARGS = sorted((set(inspect.signature(MobileNet).parameters) | _BUILDER_ARGS) - {"arch", "width", "model_cls",
+                                                                                        "variant"})
+
+
+def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
+    unknown = sorted(set(kwargs) - set(_VALID_ARGS))
+    if unknown:
+        raise TypeError(f"{entry.name}: unknown argument(s) {', '.join(unknown)}; valid: {', '.join(_VALID_ARGS)}")
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and file and not os.path.isfile(file):
+        raise FileNotFoundError(f"{entry.name}: pretrained file not found: {file}")
+    if pretrained and not file and not entry.weights and not kwargs.get("pretrained_cfg"):
+        raise RuntimeError(f"{entry.name} has no published weights; load a local file with "
+                           f"pretrained_cfg_overlay=dict(file=PATH) or use pretrained=False")
+    kwargs.setdefault("reduced_tail", entry.reduced_tail)
+    try:
+        return build_model_with_cfg(
+            MobileNet, entry.name, pretrained, pretrained_filter_fn=convert,
+            feature_cfg=dict(feature_cls="getter"), arch=entry.arch, width=entry.width, **kwargs)
+    except CheckpointError as error:
+        raise CheckpointError(f"{entry.name}: checkpoint {file or 'download'} does not fit: {error}") from None
+    except OSError as error:
+        if not pretrained or file:
+            raise
+        raise RuntimeError(f"{entry.name}: could not fetch pretrained weights ({type(error).__name__}: {error}). "
+                           f"Offline? Download them elsewhere and pass pretrained_cfg_overlay=dict(file=PATH)") from error
+
+
+def _entrypoint(entry: Entry):
+    def create(pretrained: bool = False, **kwargs) -> MobileNet:
+        return _build(entry, pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = entry.name
+    create.__doc__ = f"MobileNet {entry.arch}, width {entry.width}{', reduced tail' if entry.reduced_tail else ''}."
+    return create
+
+
+for _entry in MODELS:
+    globals()[_entry.name] = register_model(_entrypoint(_entry))
+
+
+def list_models() -> list[str]:
+    """Names this package registers into timm."""
+    return [entry.name for entry in MODELS]
+
+
+def check_name(name: str) -> str:
+    base = name.split(".", 1)[0]
+    if base not in ENTRIES:
+        close = difflib.get_close_matches(base, ENTRIES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown model {name!r}.{hint} Available: {', '.join(ENTRIES)}")
+    return name
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs):
+    """``timm.create_model`` for this package's names, with a did-you-mean error for unknown ones."""
+    return timm.create_model(check_name(name), pretrained=pretrained, **kwargs)

@@ -1,0 +1,23 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that parity tests exercise them."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
