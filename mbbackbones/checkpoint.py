@@ -1,9 +1,12 @@
 """Checkpoint formats: detect torchvision / timm / our own MobileNet state dicts and convert them."""
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Mapping
 
 import torch
+from timm.models import load_state_dict
 from torch import nn
 
 # a key that only one format has -> that format
@@ -12,11 +15,30 @@ SIGNATURES = {
     "features.0.0.weight": "torchvision",
     "conv_stem.weight": "timm",
 }
+# timm block layers -> ours, for inverted residuals (with conv_pwl) and depthwise-separable blocks
+TIMM_INVERTED = {"conv_pw": "expand.conv", "bn1": "expand.bn", "conv_dw": "depthwise.conv", "bn2": "depthwise.bn",
+                 "se.conv_reduce": "se.reduce", "se.conv_expand": "se.expand", "conv_pwl": "project.conv",
+                 "bn3": "project.bn"}
+TIMM_SEPARABLE = {"conv_dw": "depthwise.conv", "bn1": "depthwise.bn", "se.conv_reduce": "se.reduce",
+                  "se.conv_expand": "se.expand", "conv_pw": "project.conv", "bn2": "project.bn"}
+TIMM_TOP = {"conv_stem": "stem.conv", "bn1": "stem.bn", "classifier": "classifier"}
+# torchvision: the conv+BN units of a block, by how many it has; SE convs
+TORCHVISION_UNITS = {2: ("depthwise", "project"), 3: ("expand", "depthwise", "project")}
+TORCHVISION_SE = {"fc1": "se.reduce", "fc2": "se.expand"}
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is not a MobileNet state dict, or does not fit the model."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """A state dict from a .pth (``weights_only=True``) or .safetensors file, via timm's reader."""
+    try:
+        return load_state_dict(str(path), weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from error
 
 
 def detect_format(state_dict: Mapping) -> str:
@@ -30,44 +52,118 @@ def detect_format(state_dict: Mapping) -> str:
                           f"mbbackbones MobileNet, with one of the keys {', '.join(SIGNATURES)}")
 
 
-def convert(state_dict: Mapping, model: nn.Module) -> dict:
-    """Rename a torchvision or timm MobileNet state dict to this model's keys (a pure function).
+def _number(prefixes) -> dict[str, int]:
+    """Consecutive indices for block prefixes such as 'blocks.2.1', in numeric order."""
+    ordered = sorted(prefixes, key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
+    return {prefix: index for index, prefix in enumerate(ordered)}
 
-    torchvision, timm and this package register their layers in the order the network computes
-    them, so the tensors of a checkpoint line up with the model's one by one once the classifier
-    (the last two tensors) is set aside; a 1x1 conv head (timm) becomes our Linear. Every pair is
-    checked by shape, and the first that does not fit is named.
+
+def timm_names(keys) -> dict[str, str]:
+    """timm ``EfficientNet`` / ``MobileNetV3`` keys -> ours."""
+    keys = list(keys)
+    layers = defaultdict(set)
+    for key in keys:
+        if m := re.match(r"(blocks\.\d+\.\d+)\.(.+)\.\w+$", key):
+            layers[m[1]].add(m[2])
+    last_conv = {p for p, names in layers.items() if "conv" in names}  # timm V3's 'cn' stage
+    index = _number(set(layers) - last_conv)
+    top = dict(TIMM_TOP, conv_head="last_conv.conv" if "bn2.weight" in keys else "head_fc", bn2="last_conv.bn")
+    names = {}
+    for key in keys:
+        m = re.match(r"(blocks\.\d+\.\d+)\.(.+)\.(\w+)$", key) or re.match(r"()(.+)\.(\w+)$", key)
+        prefix, layer, param = m.groups()
+        if prefix in last_conv:
+            new = {"conv": "last_conv.conv", "bn1": "last_conv.bn"}.get(layer)
+        elif prefix:
+            table = TIMM_INVERTED if "conv_pwl" in layers[prefix] else TIMM_SEPARABLE
+            new = f"blocks.{index[prefix]}.{table[layer]}" if layer in table else None
+        else:
+            new = top.get(layer)
+        names[key] = f"{new}.{param}" if new else key
+    return names
+
+
+def torchvision_names(keys) -> dict[str, str]:
+    """torchvision ``MobileNetV3`` / ``MobileNetV2`` keys -> ours."""
+    keys = list(keys)
+    parts = defaultdict(lambda: defaultdict(set))  # block prefix -> sub-layer index -> first key parts
+    for key in keys:
+        if m := re.match(r"(features\.\d+)\.(?:block|conv)\.(\d+)\.(\w+)", key):
+            parts[m[1]][int(m[2])].add(m[3])
+    kinds = {"0": "cna", "fc1": "se", "running_mean": "bn"}  # conv+BN unit, squeeze-excite, bare BN; else conv
+    layers = {prefix: {sub: next((kinds[p] for p in kinds if p in names), "conv") for sub, names in subs.items()}
+              for prefix, subs in parts.items()}
+    index = _number(layers)
+    stages = [int(k.split(".")[1]) for k in keys if re.match(r"features\.\d+\.0\.weight$", k)]
+    last = max(stages) if len(stages) > 1 else None
+    classifier = {"0": "head_fc", "3": "classifier"} if "classifier.3.weight" in keys else {"1": "classifier"}
+    units = {}  # (block prefix, sub-layer) -> our layer name
+    for prefix, subs in layers.items():
+        convs = [s for s in sorted(subs) if subs[s] in ("cna", "conv")]
+        for sub, role in zip(convs, TORCHVISION_UNITS.get(len(convs), ())):
+            units[prefix, sub] = f"blocks.{index[prefix]}.{role}"
+    names = {}
+    for key in keys:
+        new = key
+        if m := re.match(r"features\.0\.([01])\.(\w+)$", key):
+            new = f"stem.{'conv' if m[1] == '0' else 'bn'}.{m[2]}"
+        elif last is not None and (m := re.match(rf"features\.{last}\.([01])\.(\w+)$", key)):
+            new = f"last_conv.{'conv' if m[1] == '0' else 'bn'}.{m[2]}"
+        elif m := re.match(r"(features\.\d+)\.(?:block|conv)\.(\d+)\.(.+)$", key):
+            prefix, sub, rest = m[1], int(m[2]), m[3]
+            if layers[prefix][sub] == "se":
+                layer, param = rest.split(".")
+                new = f"blocks.{index[prefix]}.{TORCHVISION_SE[layer]}.{param}"
+            elif layers[prefix][sub] == "bn":  # V2's projection: a bare conv followed by its BN
+                new = f"{units.get((prefix, sub - 1), key)}.bn.{rest}"
+            elif layers[prefix][sub] == "conv":
+                new = f"{units.get((prefix, sub), key)}.conv.{rest}"
+            elif (prefix, sub) in units:
+                part, param = rest.split(".")
+                new = f"{units[prefix, sub]}.{'conv' if part == '0' else 'bn'}.{param}"
+        elif m := re.match(r"classifier\.(\d+)\.(\w+)$", key):
+            new = f"{classifier.get(m[1], 'classifier.' + m[1])}.{m[2]}"
+        names[key] = new
+    return names
+
+
+RENAMERS = {"mbbackbones": lambda keys: {k: k for k in keys}, "torchvision": torchvision_names, "timm": timm_names}
+
+
+def convert(state_dict: Mapping, model: nn.Module) -> dict:
+    """Rename a torchvision, timm or own MobileNet state dict to this model's keys (a pure function).
+
+    A 1x1-conv head (timm's ``conv_head``) becomes our Linear. The result is checked against the
+    model: the first missing, unexpected or mis-shaped key is named.
     """
     source = detect_format(state_dict)
+    names = RENAMERS[source](state_dict.keys())
     target = model.state_dict()
-    if source == "mbbackbones":
-        converted, origin = dict(state_dict), {}
-    else:
-        items = list(state_dict.items())
-        head = dict(items[-2:]) if all(k.startswith("classifier.") for k, _ in items[-2:]) else {}
-        body = items[: len(items) - len(head)]
-        names = [k for k in target if k not in CLASSIFIER]
-        if len(body) != len(names):
-            raise CheckpointError(f"{source} checkpoint has {len(body)} tensors before its classifier, the model "
-                                  f"has {len(names)}: it is a different architecture")
-        converted = {name: value.reshape(target[name].shape) if value.dim() == 4 and target[name].dim() == 2 else value
-                     for name, (_, value) in zip(names, body)}
-        converted.update(zip(CLASSIFIER, head.values()))
-        origin = {name: key for name, (key, _) in zip(names, body)}
-    check_shapes(converted, target, origin)
+    converted = {}
+    for key, value in state_dict.items():
+        name = names[key]
+        if name in target and value.dim() == 4 and target[name].dim() == 2:
+            value = value.flatten(1)
+        converted[name] = value
+    origin = {new: old for old, new in names.items() if old != new}
+    check(converted, target, origin, source)
     return converted
 
 
-def check_shapes(converted: Mapping, target: Mapping, source_names: Mapping) -> None:
-    """Raise on the first missing key or shape mismatch (the stem's input channels and the
-    classifier are left to timm, which adapts ``in_chans`` and drops a classifier of another size)."""
+def check(converted: Mapping, target: Mapping, origin: Mapping, source: str) -> None:
+    """Raise on the first missing, unexpected or mis-shaped key. The stem's input channels and the
+    classifier are left to timm, which adapts ``in_chans`` and drops a classifier of another size."""
+    def named(name):
+        return f"{name!r}" + (f" (checkpoint key {origin[name]!r})" if name in origin else "")
+
+    for name in converted:
+        if name not in target and name not in CLASSIFIER:
+            raise CheckpointError(f"{source} checkpoint has a tensor the model lacks: {named(name)}")
     for name, expected in target.items():
         if name in CLASSIFIER or name == "stem.conv.weight":
             continue
         if name not in converted:
-            raise CheckpointError(f"missing key {name!r}")
-        got = converted[name].shape
-        if got != expected.shape:
-            origin = f" (checkpoint key {source_names[name]!r})" if name in source_names else ""
-            raise CheckpointError(f"shape mismatch at {name!r}{origin}: checkpoint {tuple(got)}, "
+            raise CheckpointError(f"{source} checkpoint lacks {name!r}")
+        if converted[name].shape != expected.shape:
+            raise CheckpointError(f"shape mismatch at {named(name)}: checkpoint {tuple(converted[name].shape)}, "
                                   f"model {tuple(expected.shape)}")

@@ -65,7 +65,7 @@ class InvertedResidual(nn.Module):
 
 
 class DepthwiseSeparable(nn.Module):
-    """MobileNetV1 block: depthwise 3x3 -> BN -> act -> pointwise 1x1 -> BN -> act; no expansion."""
+    """MobileNetV1 block: depthwise 3x3 -> BN -> act -> 1x1 projection -> BN -> act; no expansion."""
 
     def __init__(self, spec, norm=nn.BatchNorm2d, drop_path_rate: float = 0.0):
         super().__init__()
@@ -73,10 +73,10 @@ class DepthwiseSeparable(nn.Module):
         channels = spec.in_channels
         self.expand = nn.Identity()
         self.depthwise = conv(channels, channels, spec.kernel, spec.stride, spec.dilation, groups=channels)
-        self.pointwise = conv(channels, spec.out_channels)
+        self.project = conv(channels, spec.out_channels)
 
     def finish(self, x: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(expanded))
+        return self.project(self.depthwise(expanded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(x, x)

@@ -66,12 +66,13 @@ class MobileNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.num_levels = len(LEVELS)
-        norm = partial(nn.BatchNorm2d, eps=norm_eps or spec.norm_eps, momentum=norm_momentum or spec.norm_momentum)
+        norm = partial(nn.BatchNorm2d, eps=spec.norm_eps if norm_eps is None else norm_eps,
+                       momentum=spec.norm_momentum if norm_momentum is None else norm_momentum)
         sizes = resolve(spec, width, reduced_tail, output_stride)
 
         self.stem = ConvNormAct(in_chans, sizes.stem, 3, stride=2, act=spec.act, norm=norm)
         block_cls = DepthwiseSeparable if spec.family == "v1" else InvertedResidual
-        rates = torch.linspace(0, drop_path_rate, len(sizes.blocks)).tolist()
+        rates = [drop_path_rate * i / max(len(sizes.blocks) - 1, 1) for i in range(len(sizes.blocks))]
         self.blocks = nn.Sequential(*[block_cls(b, norm, rate) for b, rate in zip(sizes.blocks, rates)])
         last_in = sizes.blocks[-1].out_channels
         self.last_conv = ConvNormAct(last_in, sizes.last_conv, act=spec.act, norm=norm) if sizes.last_conv else nn.Identity()

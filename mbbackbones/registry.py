@@ -13,7 +13,7 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .checkpoint import CheckpointError, convert
+from .checkpoint import CheckpointError, convert, read_checkpoint
 from .model import MobileNet
 
 TORCHVISION = "https://download.pytorch.org/models/"
@@ -123,11 +123,14 @@ def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
             feature_cfg=dict(feature_cls="getter"), arch=entry.arch, width=entry.width, **kwargs)
     except CheckpointError as error:
         raise CheckpointError(f"{entry.name}: checkpoint {file or 'download'} does not fit: {error}") from None
-    except OSError as error:
-        if not pretrained or file:
-            raise
-        raise RuntimeError(f"{entry.name}: could not fetch pretrained weights ({type(error).__name__}: {error}). "
-                           f"Offline? Download them elsewhere and pass pretrained_cfg_overlay=dict(file=PATH)") from error
+    except Exception as error:
+        if pretrained and file:
+            read_checkpoint(file)  # a clear error if the file is what failed
+        elif pretrained and isinstance(error, OSError):
+            raise RuntimeError(f"{entry.name}: could not fetch pretrained weights ({type(error).__name__}: {error}). "
+                               "Offline? Download them elsewhere and pass pretrained_cfg_overlay=dict(file=PATH)"
+                               ) from error
+        raise
 
 
 def _entrypoint(entry: Entry):
