@@ -10,8 +10,8 @@ from .profile import count_madds, count_params
 
 def model_table(size: int = 224, output_stride: int = 32) -> str:
     """A markdown table: params and MAdds (1000 classes), and C1..C5 channels for both tap locations."""
-    rows = ["| model | params | MAdds @%d | C1..C5 channels (block) | C1..C5 channels (expansion) | strides | "
-            "pretrained tags |" % size, "|---|---:|---:|---|---|---|---|"]
+    rows = [f"| model | params | MAdds @{size} | C1..C5 channels (block) | C1..C5 channels (expansion) | strides | "
+            "pretrained tags |", "|---|---:|---:|---|---|---|---|"]
     image = torch.zeros(1, 3, size, size)
     for entry in MODELS:
         model = timm.create_model(entry.name).eval()

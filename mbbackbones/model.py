@@ -75,7 +75,8 @@ class MobileNet(nn.Module):
         rates = [drop_path_rate * i / max(len(sizes.blocks) - 1, 1) for i in range(len(sizes.blocks))]
         self.blocks = nn.Sequential(*[block_cls(b, norm, rate) for b, rate in zip(sizes.blocks, rates)])
         last_in = sizes.blocks[-1].out_channels
-        self.last_conv = ConvNormAct(last_in, sizes.last_conv, act=spec.act, norm=norm) if sizes.last_conv else nn.Identity()
+        self.last_conv = (ConvNormAct(last_in, sizes.last_conv, act=spec.act, norm=norm) if sizes.last_conv
+                          else nn.Identity())
         self.num_features = sizes.last_conv or last_in
 
         self.head_hidden_size = sizes.head_hidden or self.num_features
@@ -101,12 +102,12 @@ class MobileNet(nn.Module):
             if location == "block":
                 point = max(p for p, (reduction, _) in enumerate(points) if reduction == level)
                 block_taps.append(point)
-                info.append((points[point][1], "blocks.%d" % (point - 1) if point else "stem"))
+                info.append((points[point][1], f"blocks.{point - 1}" if point else "stem"))
             else:
                 index = min(i for i, b in enumerate(sizes.blocks) if b.reduction == next_level)
                 expansion_taps.append(index)
-                info.append((sizes.blocks[index].expansion_channels, "blocks.%d.expand" % index))
-        info.append((self.num_features, "last_conv" if sizes.last_conv else "blocks.%d" % (len(sizes.blocks) - 1)))
+                info.append((sizes.blocks[index].expansion_channels, f"blocks.{index}.expand"))
+        info.append((self.num_features, "last_conv" if sizes.last_conv else f"blocks.{len(sizes.blocks) - 1}"))
         feature_info = [dict(num_chs=channels, reduction=min(level, output_stride), module=module, stage=i)
                         for i, ((channels, module), level) in enumerate(zip(info, LEVELS))]
         return feature_info, block_taps, expansion_taps

@@ -76,7 +76,8 @@ def test_feature_channels_and_shapes(name, location):
     assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
     with torch.no_grad():
         features = model(torch.randn(1, 3, 128, 160))
-    assert [tuple(f.shape[1:]) for f in features] == [(c, 128 // s, 160 // s) for c, s in zip(expected, [2, 4, 8, 16, 32])]
+    strides = [2, 4, 8, 16, 32]
+    assert [tuple(f.shape[1:]) for f in features] == [(c, 128 // s, 160 // s) for c, s in zip(expected, strides)]
 
 
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
