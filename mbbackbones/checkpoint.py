@@ -17,14 +17,13 @@ SIGNATURES = {
 }
 # timm block layers -> ours, for inverted residuals (with conv_pwl) and depthwise-separable blocks
 TIMM_INVERTED = {"conv_pw": "expand.conv", "bn1": "expand.bn", "conv_dw": "depthwise.conv", "bn2": "depthwise.bn",
-                 "se.conv_reduce": "se.reduce", "se.conv_expand": "se.expand", "conv_pwl": "project.conv",
+                 "se.conv_reduce": "se.fc1", "se.conv_expand": "se.fc2", "conv_pwl": "project.conv",
                  "bn3": "project.bn"}
-TIMM_SEPARABLE = {"conv_dw": "depthwise.conv", "bn1": "depthwise.bn", "se.conv_reduce": "se.reduce",
-                  "se.conv_expand": "se.expand", "conv_pw": "project.conv", "bn2": "project.bn"}
+TIMM_SEPARABLE = {"conv_dw": "depthwise.conv", "bn1": "depthwise.bn", "se.conv_reduce": "se.fc1",
+                  "se.conv_expand": "se.fc2", "conv_pw": "project.conv", "bn2": "project.bn"}
 TIMM_TOP = {"conv_stem": "stem.conv", "bn1": "stem.bn", "classifier": "classifier"}
-# torchvision: the conv+BN units of a block, by how many it has; SE convs
+# torchvision: the conv+BN units of a block, by how many it has
 TORCHVISION_UNITS = {2: ("depthwise", "project"), 3: ("expand", "depthwise", "project")}
-TORCHVISION_SE = {"fc1": "se.reduce", "fc2": "se.expand"}
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
 
@@ -112,8 +111,7 @@ def torchvision_names(keys) -> dict[str, str]:
         elif m := re.match(r"(features\.\d+)\.(?:block|conv)\.(\d+)\.(.+)$", key):
             prefix, sub, rest = m[1], int(m[2]), m[3]
             if layers[prefix][sub] == "se":
-                layer, param = rest.split(".")
-                new = f"blocks.{index[prefix]}.{TORCHVISION_SE[layer]}.{param}"
+                new = f"blocks.{index[prefix]}.se.{rest}"
             elif layers[prefix][sub] == "bn":  # V2's projection: a bare conv followed by its BN
                 new = f"{units.get((prefix, sub - 1), key)}.bn.{rest}"
             elif layers[prefix][sub] == "conv":

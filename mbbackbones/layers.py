@@ -6,6 +6,7 @@ from functools import partial
 import torch
 from timm.layers import DropPath
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}
 
@@ -23,21 +24,6 @@ class ConvNormAct(nn.Sequential):
             self.act = ACTIVATIONS[act](inplace=True)
 
 
-class SqueezeExcite(nn.Module):
-    """Channel attention: global pool -> 1x1 reduce -> ReLU -> 1x1 expand -> hard-sigmoid gate."""
-
-    def __init__(self, channels: int, squeeze_channels: int):
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, squeeze_channels, 1)
-        self.act = nn.ReLU(inplace=True)
-        self.expand = nn.Conv2d(squeeze_channels, channels, 1)
-        self.gate = nn.Hardsigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.expand(self.act(self.reduce(scale))))
-
-
 class InvertedResidual(nn.Module):
     """MobileNetV2/V3 bottleneck: 1x1 expand -> depthwise -> [SE] -> linear 1x1 project (+ residual).
 
@@ -51,7 +37,8 @@ class InvertedResidual(nn.Module):
         exp = spec.expansion_channels
         self.expand = conv(spec.in_channels, exp, act=spec.act) if exp != spec.in_channels else nn.Identity()
         self.depthwise = conv(exp, exp, spec.kernel, spec.stride, spec.dilation, groups=exp, act=spec.act)
-        self.se = SqueezeExcite(exp, spec.se_channels) if spec.se_channels else nn.Identity()
+        self.se = (SqueezeExcitation(exp, spec.se_channels, scale_activation=nn.Hardsigmoid) if spec.se_channels
+                   else nn.Identity())  # pool -> 1x1 -> ReLU -> 1x1 -> hard-sigmoid gate
         self.project = conv(exp, spec.out_channels, act=None)
         self.has_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
