@@ -13,7 +13,7 @@ from .architectures import ARCHS, resolve
 from .layers import ConvNormAct, DepthwiseSeparable, InvertedResidual
 
 OUTPUT_STRIDES = (8, 16, 32)
-FEATURE_LOCATIONS = ("block", "expansion")
+FEATURE_LOCATIONS = ("block", "downsample", "expansion")
 LEVELS = (2, 4, 8, 16, 32)  # nominal strides of C1..C5
 
 
@@ -31,8 +31,10 @@ class MobileNet(nn.Module):
         reduced_tail: halve the channels between C4 and C5 (paper Table 6, torchvision).
         output_stride: 32, 16 or 8; the stages past it are dilated instead of strided.
         feature_location: where C1..C4 are tapped: "block" (output of the last block at each
-            stride) or "expansion" (output of the 1x1 expansion of the next strided block, before
-            its depthwise conv: the paper's SSDLite attachment). C5 is the last conv either way.
+            stride), "downsample" (output of the first block at each stride, the one that strides:
+            torchvision's C_n taps, read by its LR-ASPP) or "expansion" (output of the 1x1 expansion
+            of the next strided block, before its depthwise conv: the paper's SSDLite attachment).
+            C5 is the last conv in every case.
         norm_eps, norm_momentum: BatchNorm settings; default to the architecture's
             (torchvision's V3: 1e-3 / 0.01; timm checkpoints were trained with eps 1e-5).
     """
@@ -99,8 +101,9 @@ class MobileNet(nn.Module):
         points = [(2, sizes.stem)] + [(b.reduction, b.out_channels) for b in sizes.blocks]
         info, block_taps, expansion_taps = [], [], []
         for level, next_level in zip(LEVELS[:-1], LEVELS[1:]):
-            if location == "block":
-                point = max(p for p, (reduction, _) in enumerate(points) if reduction == level)
+            if location != "expansion":
+                pick = max if location == "block" else min
+                point = pick(p for p, (reduction, _) in enumerate(points) if reduction == level)
                 block_taps.append(point)
                 info.append((points[point][1], f"blocks.{point - 1}" if point else "stem"))
             else:

@@ -6,6 +6,7 @@ from torchvision.models import mobilenetv3 as tv_v3
 
 import mbbackbones
 from mbbackbones.architectures import ARCHS, V3_LARGE, V3_SMALL, resolve
+from mbbackbones.model import FEATURE_LOCATIONS
 from mbbackbones.profile import count_madds, count_params
 
 # paper / torchvision numbers (shared/ANCHORS.md): params with 1000 classes, MAdds at 224 (millions)
@@ -15,13 +16,13 @@ ANCHORS = {
     "mbv2_100": (3_504_872, 300.8), "mbv2_050": (1_968_680, 97.1), "mbv2_035": (1_677_128, 59.3),
     "mbv1_100": (4_231_976, 568.7), "mbv1_050": (1_331_592, 149.5),
 }
-CHANNELS = {  # the table: feature_location "block", "expansion"
-    "mbv3_large": ([16, 24, 40, 112, 960], [64, 72, 240, 672, 960]),
-    "mbv3_large_reduced": ([16, 24, 40, 112, 480], [64, 72, 240, 672, 480]),
-    "mbv3_small": ([16, 16, 24, 48, 576], [16, 72, 96, 288, 576]),
-    "mbv3_small_reduced": ([16, 16, 24, 48, 288], [16, 72, 96, 288, 288]),
-    "mbv2_100": ([16, 24, 32, 96, 1280], [96, 144, 192, 576, 1280]),
-    "mbv1_100": ([64, 128, 256, 512, 1024], [64, 128, 256, 512, 1024]),
+CHANNELS = {  # feature_location "block", "downsample", "expansion"
+    "mbv3_large": ([16, 24, 40, 112, 960], [16, 24, 40, 80, 960], [64, 72, 240, 672, 960]),
+    "mbv3_large_reduced": ([16, 24, 40, 112, 480], [16, 24, 40, 80, 480], [64, 72, 240, 672, 480]),
+    "mbv3_small": ([16, 16, 24, 48, 576], [16, 16, 24, 40, 576], [16, 72, 96, 288, 576]),
+    "mbv3_small_reduced": ([16, 16, 24, 48, 288], [16, 16, 24, 40, 288], [16, 72, 96, 288, 288]),
+    "mbv2_100": ([16, 24, 32, 96, 1280], [32, 24, 32, 64, 1280], [96, 144, 192, 576, 1280]),
+    "mbv1_100": ([64, 128, 256, 512, 1024], [32, 128, 256, 512, 1024], [64, 128, 256, 512, 1024]),
 }
 
 
@@ -68,10 +69,10 @@ def test_se_squeeze_channels_follow_make_divisible():
 
 
 @pytest.mark.parametrize("name", CHANNELS)
-@pytest.mark.parametrize("location", ["block", "expansion"])
+@pytest.mark.parametrize("location", FEATURE_LOCATIONS)
 def test_feature_channels_and_shapes(name, location):
     model = timm.create_model(name, features_only=True, feature_location=location).eval()
-    expected = CHANNELS[name][location == "expansion"]
+    expected = CHANNELS[name][FEATURE_LOCATIONS.index(location)]
     assert model.feature_info.channels() == expected
     assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
     with torch.no_grad():
@@ -82,7 +83,7 @@ def test_feature_channels_and_shapes(name, location):
 
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
 @pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv3_small", "mbv2_100", "mbv1_100"])
-@pytest.mark.parametrize("location", ["block", "expansion"])
+@pytest.mark.parametrize("location", FEATURE_LOCATIONS)
 def test_output_stride_dilates(name, output_stride, location):
     model = timm.create_model(name, features_only=True, output_stride=output_stride, feature_location=location)
     strides = [min(s, output_stride) for s in (2, 4, 8, 16, 32)]
