@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 
@@ -21,3 +22,6 @@ def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+REAL = Path(__file__).parent / "data" / "real"  # small real samples (see its README.md for sources and licences)
