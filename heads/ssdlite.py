@@ -1,0 +1,232 @@
+"""SSDLite (MobileNetV3 paper §6.2) on any registered backbone, with torchvision's detection I/O."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder, SSDMatcher
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.ssdlite import SSDLiteHead
+from torchvision.ops import batched_nms, box_iou
+
+from mbbackbones.checkpoint import CheckpointError, convert
+from mbbackbones.layers import ConvNormAct
+
+from .backbone import create_backbone, normal_init
+
+
+def extra_block(in_channels: int, out_channels: int, norm) -> nn.Sequential:
+    """Halve the resolution: 1x1 to out/2 -> 3x3 depthwise stride 2 -> 1x1 to out, ReLU6 throughout."""
+    mid = out_channels // 2
+    conv = partial(ConvNormAct, act="relu6", norm=norm)
+    return nn.Sequential(conv(in_channels, mid), conv(mid, mid, 3, stride=2, groups=mid), conv(mid, out_channels))
+
+
+class SSDLite(nn.Module):
+    """SSDLite: heads on the C4 expansion tap (stride 16), C5 (stride 32) and four extra layers.
+
+    Call it like a torchvision detector: in training, ``model(images, targets)`` returns the losses
+    ``{"bbox_regression", "classification"}``; in eval, ``model(images)`` returns per image
+    ``{"boxes" (xyxy, input pixels), "scores", "labels"}``. Images are 3xHxW floats in [0, 1] of any
+    size; they are resized to ``size`` x ``size``. ``forward_batch`` is the plain tensor path for export.
+
+    Args:
+        backbone: registered mbbackbones name.
+        num_classes: classes including the background (label 0); 91 is torchvision's COCO space.
+        pretrained_backbone: local file with backbone weights; without one, torchvision's SSDLite
+            initialisation (normal, std 0.03) is used for every conv.
+        extra_channels: output channels of the extra layers after C5.
+        backbone_kwargs: passed to the backbone (e.g. ``width``-specific options, ``drop_path_rate``).
+    """
+
+    task = "detection"
+
+    def __init__(self, backbone: str = "mbv3_large_reduced", num_classes: int = 91,
+                 pretrained_backbone: str | None = None, size: int = 320,
+                 extra_channels: Sequence[int] = (512, 256, 256, 128), min_ratio: float = 0.2, max_ratio: float = 0.95,
+                 iou_thresh: float = 0.5, neg_to_pos_ratio: int = 3, score_thresh: float = 0.001,
+                 nms_thresh: float = 0.55, detections_per_img: int = 300, topk_candidates: int = 300,
+                 image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
+                 **backbone_kwargs):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} must count the background too (at least 2)")
+        norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)  # torchvision's SSDLite BatchNorm
+        self.backbone = create_backbone(backbone, pretrained_backbone, feature_location="expansion",
+                                        out_indices=(3, 4), norm_eps=1e-3, norm_momentum=0.03, **backbone_kwargs)
+        channels = [*self.backbone.feature_info.channels(), *extra_channels]
+        self.extra = nn.ModuleList(extra_block(c_in, c_out, norm) for c_in, c_out in zip(channels[1:], channels[2:]))
+        self.anchor_generator = DefaultBoxGenerator([[2, 3]] * len(channels), min_ratio=min_ratio, max_ratio=max_ratio)
+        self.head = SSDLiteHead(channels, self.anchor_generator.num_anchors_per_location(), num_classes, norm)
+        normal_init(self.extra)
+        if not pretrained_backbone:
+            normal_init(self.backbone)
+        self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+        self.matcher = SSDMatcher(iou_thresh)
+        self.size = size
+        self.num_classes = num_classes
+        self.neg_to_pos_ratio = neg_to_pos_ratio
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self._anchors: dict[tuple, Tensor] = {}
+
+    def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None):
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        batch = torch.stack([self._resize(image) for image in images])
+        if self.training:
+            if targets is None:
+                raise ValueError("SSDLite in training mode needs targets: model(images, targets)")
+            targets = [self._scale_target(t, s) for t, s in zip(targets, sizes)]
+            return self.compute_loss(self.predict(batch), targets)
+        boxes, scores = self.decode(self.predict(batch), batch.shape[-2:])
+        return [self.select(b, s, size) for b, s, size in zip(boxes, scores, sizes)]
+
+    def _resize(self, image: Tensor) -> Tensor:
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"expected images as 3xHxW float tensors in [0, 1], got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        if image.shape[-2:] == (self.size, self.size):
+            return image
+        return F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+
+    def _scale_target(self, target: Mapping[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
+        boxes = target["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target boxes must be [N, 4] xyxy, got {tuple(boxes.shape)}")
+        if (boxes[:, 2:] <= boxes[:, :2]).any():
+            raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in a target: {boxes.tolist()}")
+        scale = boxes.new_tensor([self.size / size[1], self.size / size[0]]).repeat(2)
+        return {"boxes": boxes * scale, "labels": target["labels"]}
+
+    def predict(self, batch: Tensor) -> dict[str, Tensor]:
+        """Raw head outputs for images in [0, 1] at the model size: box deltas [B, A, 4], logits [B, A, C]."""
+        x = (batch - self.image_mean) / self.image_std
+        features = self.backbone(x)
+        x = features[-1]
+        for block in self.extra:
+            x = block(x)
+            features.append(x)
+        out = self.head(features)
+        out["anchors"] = self.anchors(batch.shape[-2:], [f.shape[-2:] for f in features], batch)
+        return out
+
+    def anchors(self, image_size, grid_sizes, like: Tensor) -> Tensor:
+        """Default boxes in xyxy input pixels, cached per input and feature map sizes."""
+        key = (tuple(image_size), *map(tuple, grid_sizes), like.dtype, like.device)
+        if key not in self._anchors:
+            maps = [like.new_empty(0, 0, *grid) for grid in grid_sizes]
+            self._anchors[key] = self.anchor_generator(ImageList(like[:1], [tuple(image_size)]), maps)[0]
+        return self._anchors[key]
+
+    def decode(self, head: Mapping[str, Tensor], image_size) -> tuple[Tensor, Tensor]:
+        """Boxes [B, A, 4] clipped to the image and class probabilities [B, A, C], all images at once."""
+        deltas, anchors = head["bbox_regression"], head["anchors"]
+        boxes = self.box_coder.decode_single(deltas.reshape(-1, 4), anchors.repeat(deltas.shape[0], 1))
+        height, width = image_size
+        limits = boxes.new_tensor([width, height, width, height])
+        boxes = torch.minimum(boxes.clamp(min=0), limits).view_as(deltas)
+        return boxes, head["cls_logits"].softmax(-1)
+
+    def forward_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Export path: [B, 3, size, size] in [0, 1] -> decoded boxes [B, A, 4] and probabilities [B, A, C]."""
+        return self.decode(self.predict(batch), batch.shape[-2:])
+
+    def select(self, boxes: Tensor, scores: Tensor, original_size: tuple[int, int]) -> dict[str, Tensor]:
+        """One image's detections: per-class top-k over the threshold, one batched NMS, rescaled boxes.
+
+        Same result as torchvision's per-class loop, without the loop.
+        """
+        per_class = scores[:, 1:].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
+        top_scores, anchor_index = per_class.topk(min(self.topk_candidates, per_class.shape[1]), dim=1)
+        label, rank = (top_scores > self.score_thresh).nonzero(as_tuple=True)
+        candidates, candidate_scores, labels = boxes[anchor_index[label, rank]], top_scores[label, rank], label + 1
+        kept = self.nms(candidates, candidate_scores, labels)
+        height, width = original_size
+        scale = boxes.new_tensor([width / self.size, height / self.size]).repeat(2)
+        return {"boxes": candidates[kept] * scale, "scores": candidate_scores[kept], "labels": labels[kept]}
+
+    def nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """Indices of the ``detections_per_img`` best boxes that survive per-class NMS, best first.
+
+        Greedy NMS decides each box from the higher-scoring ones only, so NMS over the best ``n``
+        candidates keeps exactly the first survivors of NMS over all of them: grow ``n`` until
+        enough survive instead of suppressing among tens of thousands of low-score boxes.
+        """
+        count = 4 * self.detections_per_img
+        while True:
+            best = scores.topk(min(count, scores.numel())).indices
+            kept = batched_nms(boxes[best], scores[best], labels[best], self.nms_thresh)
+            if kept.numel() >= self.detections_per_img or best.numel() == scores.numel():
+                return best[kept[: self.detections_per_img]]
+            count *= 4
+
+    def compute_loss(self, head: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Smooth-L1 on matched boxes and cross-entropy with 3:1 hard negative mining, over the foreground count."""
+        anchors, deltas, logits = head["anchors"], head["bbox_regression"], head["cls_logits"]
+        matched, gt_boxes, gt_labels = [], [], []
+        for target in targets:
+            boxes, labels = target["boxes"], target["labels"]
+            if boxes.numel() == 0:
+                matched.append(torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device))
+                boxes, labels = anchors.new_zeros(1, 4), labels.new_zeros(1)
+            else:
+                matched.append(self.matcher(box_iou(boxes, anchors)))
+            gt_boxes.append(boxes[matched[-1].clamp(min=0)])
+            gt_labels.append(labels[matched[-1].clamp(min=0)])
+        foreground = torch.stack(matched) >= 0
+        targets_regression = self.box_coder.encode_single(torch.stack(gt_boxes)[foreground],
+                                                          anchors.expand_as(deltas)[foreground])
+        bbox_loss = F.smooth_l1_loss(deltas[foreground], targets_regression, reduction="sum")
+        cls_targets = torch.where(foreground, torch.stack(gt_labels), 0)
+        cls_loss = F.cross_entropy(logits.flatten(0, 1), cls_targets.flatten(), reduction="none").view_as(cls_targets)
+        negative_loss = cls_loss.masked_fill(foreground, -float("inf"))
+        rank = negative_loss.sort(1, descending=True)[1].sort(1)[1]
+        background = rank < self.neg_to_pos_ratio * foreground.sum(1, keepdim=True)
+        count = max(1, int(foreground.sum()))
+        return {"bbox_regression": bbox_loss / count,
+                "classification": (cls_loss[foreground].sum() + cls_loss[background].sum()) / count}
+
+    def convert_checkpoint(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Our state dict as is, or torchvision's ``ssdlite320_mobilenet_v3_large`` one renamed to ours."""
+        if "backbone.model.stem.conv.weight" in state_dict:
+            return dict(state_dict)
+        if "backbone.features.0.0.0.weight" not in state_dict:
+            raise CheckpointError(f"not an SSDLite state dict (first key {next(iter(state_dict), None)!r})")
+        backbone = {k: v for k, v in state_dict.items() if k.startswith("backbone.features.")}
+        renamed = convert(torchvision_backbone_keys(backbone), self.backbone.model)
+        result = {f"backbone.model.{k}": v for k, v in renamed.items()}
+        for key, value in state_dict.items():
+            if key.startswith("backbone.extra."):
+                key = re.sub(r"^backbone\.extra\.(\d+)\.(\d+)\.([01])\.", lambda m: (
+                    f"extra.{m[1]}.{m[2]}.{'conv' if m[3] == '0' else 'bn'}."), key)
+            if not key.startswith("backbone.features."):
+                result[key] = value
+        return result
+
+
+def torchvision_backbone_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision SSDLite backbone keys -> its MobileNetV3 ``features.*`` keys.
+
+    torchvision splits the backbone at the C4 expansion: ``features.0`` holds the layers up to and
+    including block ``c4``'s expansion, ``features.1.0`` the rest of that block, then the others.
+    """
+    c4 = max(int(m[1]) for k in state_dict if (m := re.match(r"backbone\.features\.0\.(\d+)\.", k)))
+
+    def rename(key: str) -> str:
+        part, index, rest = re.match(r"backbone\.features\.([01])\.(\d+)\.(.+)", key).groups()
+        index = int(index)
+        if part == "0":
+            return f"features.{index}.block.0.{rest}" if index == c4 else f"features.{index}.{rest}"
+        if index == 0:
+            sub, rest = rest.split(".", 1)
+            return f"features.{c4}.block.{int(sub) + 1}.{rest}"
+        return f"features.{c4 + index}.{rest}"
+
+    return {rename(k): v for k, v in state_dict.items()}

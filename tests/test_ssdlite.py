@@ -1,0 +1,171 @@
+"""SSDLite: torchvision parity, the paper's architecture numbers, detection I/O and errors."""
+import numpy as np
+import pytest
+import torch
+from conftest import REAL
+from PIL import Image
+from torchvision.models import mobilenet_v3_large
+from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+from torchvision.ops import batched_nms
+
+import heads
+from mbbackbones.checkpoint import CheckpointError
+from mbbackbones.profile import count_madds, count_params
+
+# ours at 320x320, 91 classes: params, GMAdds (torch flop counter; 1 MAdd = 2 flops). Paper Table 6 for comparison:
+# V3-L 4.97M/0.62B, V3-L(reduced) 3.22M/0.51B, V3-S 2.49M/0.21B, V3-S(reduced) 1.77M/0.16B, V2 4.3M/0.80B, V1 5.1M/1.3B.
+EXPECTED = {
+    "ssdlite320_mbv3_large_reduced": (3_440_060, 0.5832),  # == torchvision ssdlite320_mobilenet_v3_large
+    "ssdlite320_mbv3_large": (5_198_540, 0.6898),
+    "ssdlite320_mbv3_small_reduced": (1_868_108, 0.1951),
+    "ssdlite320_mbv3_small": (2_600_636, 0.2432),
+    "ssdlite320_mbv2_100": (4_664_988, 0.8701),
+    "ssdlite320_mbv1_100": (5_393_116, 1.3808),
+}
+
+
+def real_images():
+    return [torch.from_numpy(np.array(Image.open(REAL / name).convert("RGB"))).permute(2, 0, 1).float() / 255
+            for name in ("3dogs.jpg", "color.jpg")]
+
+
+def calibrated_torchvision(images) -> torch.nn.Module:
+    """A random torchvision SSDLite whose BN statistics come from real images (a random network with
+    unit statistics collapses to constant features, and its detections are all ties)."""
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        batch = torch.stack([torch.nn.functional.interpolate(i[None], size=(320, 320))[0] for i in images])
+        features = list(model.backbone(batch * 2 - 1).values())
+        model.head(features)
+    for m in norms:
+        m.momentum = 0.03
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def torchvision_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    images = real_images()
+    reference = calibrated_torchvision(images)
+    path = tmp_path_factory.mktemp("ssd") / "ssdlite320_tv.pth"
+    torch.save(reference.state_dict(), path)
+    ours = heads.create_model("ssdlite320_mbv3_large_reduced", num_classes=91, pretrained=str(path)).eval()
+    return reference, ours, images + [torch.rand(3, 300, 200)], path
+
+
+def test_torchvision_checkpoint_gives_the_same_detections(torchvision_pair):
+    reference, ours, images, _ = torchvision_pair
+    with torch.no_grad():
+        expected, actual = reference(images), ours(images)
+    for e, a in zip(expected, actual):
+        assert len(e["boxes"]) == len(a["boxes"]) > 0
+        # the same set of detections; float noise may swap the order of near-equal scores
+        rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
+        distance = torch.cdist(rows(a), rows(e), p=float("inf"))
+        assert distance.min(1).values.max() <= 1e-4 and distance.min(0).values.max() <= 1e-4
+
+
+def test_torchvision_checkpoint_gives_the_same_losses(torchvision_pair):
+    reference, ours, images, _ = torchvision_pair
+    targets = [{"boxes": torch.tensor([[10.0, 20, 200, 300], [300, 100, 600, 400]]), "labels": torch.tensor([3, 17])},
+               {"boxes": torch.tensor([[0.0, 0, 100, 100]]), "labels": torch.tensor([5])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    reference.train(), ours.train()
+    try:
+        expected, actual = reference(images, targets), ours(images, targets)
+    finally:
+        reference.eval(), ours.eval()
+    assert set(actual) == {"bbox_regression", "classification"}
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_our_checkpoint_round_trips(torchvision_pair, tmp_path):
+    _, ours, images, _ = torchvision_pair
+    torch.save(ours.state_dict(), tmp_path / "ours.pth")
+    again = heads.create_model("ssdlite320_mbv3_large_reduced", pretrained=str(tmp_path / "ours.pth")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(images[:1])[0]["boxes"], ours(images[:1])[0]["boxes"])
+
+
+@pytest.mark.parametrize("name", heads.list_models("detection"))
+def test_architecture_numbers(name):
+    model = heads.create_model(name, num_classes=91).eval()
+    params, gmadds = EXPECTED[name]
+    assert count_params(model) == params
+    assert count_madds(model.forward_batch, torch.rand(1, 3, 320, 320)) / 1e9 == pytest.approx(gmadds, abs=1e-4)
+    info = model.backbone.feature_info
+    assert info.reduction() == [16, 32]  # the C4 expansion tap and C5, as in the paper
+
+
+@pytest.mark.parametrize("name", heads.list_models("detection"))
+def test_detection_io(name):
+    model = heads.create_model(name, num_classes=5)
+    images = [torch.rand(3, 200, 260), torch.rand(3, 320, 320)]
+    targets = [{"boxes": torch.tensor([[10.0, 20, 120, 150]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model.train()(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        out = model.eval()(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+    boxes = out[0]["boxes"]
+    assert (boxes[:, 2] <= 260 + 1e-3).all() and (boxes[:, 3] <= 200 + 1e-3).all() and (boxes >= 0).all()
+    assert out[0]["labels"].min() >= 1 and out[0]["labels"].max() < 5
+    assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
+
+
+def test_any_backbone_through_the_config():
+    model = heads.create_model("ssdlite320_mbv3_large", backbone="mbv2_050", num_classes=3).eval()
+    boxes, scores = model.forward_batch(torch.rand(2, 3, 320, 320))
+    assert boxes.shape == (2, 3234, 4) and scores.shape == (2, 3234, 3)
+
+
+def test_forward_batch_matches_eval_path(torchvision_pair):
+    _, ours, images, _ = torchvision_pair
+    image = torch.nn.functional.interpolate(images[0][None], size=(320, 320), mode="bilinear")[0]
+    with torch.no_grad():
+        boxes, scores = ours.forward_batch(image[None])
+        expected = ours.select(boxes[0], scores[0], (320, 320))
+        actual = ours([image])[0]
+    assert torch.equal(expected["boxes"], actual["boxes"])
+
+
+def test_nms_keeps_exactly_torchvisions_detections():
+    torch.manual_seed(1)
+    model = heads.create_model("ssdlite320_mbv3_small_reduced", num_classes=3)
+    xy, wh = torch.rand(20000, 2) * 300, torch.rand(20000, 2) * 80 + 1
+    boxes, scores, labels = torch.cat([xy, xy + wh], 1), torch.rand(20000), torch.randint(1, 91, (20000,))
+    assert torch.equal(model.nms(boxes, scores, labels), batched_nms(boxes, scores, labels, 0.55)[:300])
+
+
+def test_pretrained_backbone_from_a_torchvision_imagenet_file(tmp_path):
+    torch.save(mobilenet_v3_large().state_dict(), tmp_path / "backbone.pth")
+    model = heads.create_model("ssdlite320_mbv3_large", pretrained_backbone=str(tmp_path / "backbone.pth"))
+    expected = torch.load(tmp_path / "backbone.pth", weights_only=True)["features.0.0.weight"]
+    assert torch.equal(model.backbone.model.stem.conv.weight, expected)
+
+
+def test_errors_are_one_line(torchvision_pair, tmp_path):
+    *_, path = torchvision_pair
+    with pytest.raises(ValueError, match="Did you mean 'ssdlite320_mbv3_large'"):
+        heads.create_model("ssdlite320_mbv3_larg")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        heads.create_model("ssdlite320_mbv3_large_reduced", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        heads.create_model("ssdlite320_mbv3_large_reduced", num_classes=21, pretrained=str(path))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        heads.create_model("ssdlite320_mbv3_small_reduced", pretrained=str(path))
+    torch.save(mobilenet_v3_large().state_dict(), tmp_path / "classifier.pth")
+    with pytest.raises(CheckpointError, match="not an SSDLite state dict"):
+        heads.create_model("ssdlite320_mbv3_large_reduced", pretrained=str(tmp_path / "classifier.pth"))
+    model = heads.create_model("ssdlite320_mbv3_small_reduced", num_classes=3)
+    with pytest.raises(ValueError, match="3xHxW float"):
+        model.eval()([torch.zeros(320, 320, 3, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="degenerate box"):
+        model.train()([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5.0, 5, 5, 9]]), "labels": torch.tensor([1])}])
