@@ -1,0 +1,212 @@
+"""COCO box evaluation: detections to the results format, results files, and COCOeval metrics.
+
+Two backends give the same 12 numbers, up to float64 rounding: ``pycocotools`` (the reference) and
+``faster_coco_eval`` (a C++ port: ``pip install faster-coco-eval``, or the project's ``fast`` extra).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from torchvision.ops import box_convert
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("pycocotools", "faster_coco_eval")
+RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+_BOX_DECIMALS = 2  # COCO annotations carry 0.01 px
+_SCORE_DECIMALS = 6  # keeps the float32 ranking: fewer ties than the model produced would change AP
+
+
+@dataclass
+class CocoMetrics:
+    """COCOeval's 12 summary numbers, its printed table, and (name, AP, AP50) per GT category.
+
+    As in COCOeval, a number is -1 when there is nothing to measure it on: ``APs`` without small
+    GT boxes, or a category's AP when the evaluated images hold no GT box of that category.
+    """
+
+    stats: dict[str, float]
+    summary: str
+    per_class: list[tuple[str, float, float]]
+
+    def per_class_table(self) -> str:
+        """One aligned row per category; categories without GT read 'no GT'."""
+        width = max([len("class")] + [len(name) for name, _, _ in self.per_class])
+        rows = [f"| {'class':<{width}} | {'AP':>6} | {'AP50':>6} |", f"|{'-' * (width + 2)}|--------|--------|"]
+        rows += [f"| {name:<{width}} | {_format_ap(ap)} | {_format_ap(ap50)} |" for name, ap, ap50 in self.per_class]
+        return "\n".join(rows)
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict of everything above."""
+        per_class = [{"class": name, "AP": ap, "AP50": ap50} for name, ap, ap50 in self.per_class]
+        return {"stats": dict(self.stats), "per_class": per_class, "summary": self.summary}
+
+
+def _format_ap(value: float) -> str:
+    return f"{'no GT' if value < 0 else f'{value:.3f}':>6}"
+
+
+def to_coco_results(
+    detections: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int], label_to_category: Mapping[int, int]
+) -> list[dict]:
+    """COCO results entries from torchvision-style detections (xyxy boxes in original pixels).
+
+    ``label_to_category`` maps the model's contiguous labels to COCO category ids.
+    """
+    if len(detections) != len(image_ids):
+        raise ValueError(f"to_coco_results: {len(detections)} detections for {len(image_ids)} image ids")
+    results = []
+    for detection, image_id in zip(detections, image_ids):
+        labels = detection["labels"].tolist()
+        unknown = sorted(set(labels) - set(label_to_category))
+        if unknown:
+            raise ValueError(
+                f"image {image_id}: labels {unknown} have no COCO category in label_to_category "
+                f"(known labels: {sorted(label_to_category)})"
+            )
+        boxes = box_convert(detection["boxes"].detach().cpu().double(), "xyxy", "xywh").round(decimals=_BOX_DECIMALS)
+        scores = detection["scores"].detach().cpu().double().round(decimals=_SCORE_DECIMALS)
+        results += [
+            {"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box, "score": score}
+            for label, box, score in zip(labels, boxes.tolist(), scores.tolist())
+        ]
+    return results
+
+
+def save_results(results: list[dict], path: str | os.PathLike) -> None:
+    """Write a results JSON (the test-dev submission format) atomically: temp file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(results, file, separators=(",", ":"))
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Read a results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+    try:
+        with open(path) as file:
+            results = json.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"results file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: malformed JSON: {error}") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
+    for index, entry in enumerate(results):
+        if not _is_result(entry):
+            raise ValueError(f"{path}: entry {index} is not a dict with {', '.join(RESULT_KEYS)} (bbox = [x, y, w, h])")
+    return results
+
+
+def _is_result(entry) -> bool:
+    return (
+        isinstance(entry, dict)
+        and all(key in entry for key in RESULT_KEYS)
+        and isinstance(entry["bbox"], list)
+        and len(entry["bbox"]) == 4
+    )
+
+
+def evaluate(
+    coco_gt, results: list[dict], backend: str = "pycocotools", image_ids: Iterable[int] | None = None
+) -> CocoMetrics:
+    """Run COCOeval ``"bbox"`` on ``results`` against ``coco_gt`` (a ``pycocotools.coco.COCO``).
+
+    ``image_ids`` restricts evaluation to those images (when only part of a split was run). Empty
+    ``results`` are evaluated as "no detections" rather than failing in ``loadRes``: AP/AR are then
+    0, or -1 where the ground truth has nothing to measure (as COCOeval reports any run).
+    Nothing is printed; the summary table is returned in ``CocoMetrics.summary``.
+    """
+    ground_truth, make_eval = _backend(backend, coco_gt)
+    _check_known((result["image_id"] for result in results), coco_gt.getImgIds(), "results refer to image ids")
+    _check_known((result["category_id"] for result in results), coco_gt.getCatIds(), "results use category ids")
+    with contextlib.redirect_stdout(io.StringIO()):
+        cocoeval = make_eval(ground_truth, _load_detections(ground_truth, results), "bbox")
+        if image_ids is not None:
+            cocoeval.params.imgIds = _image_ids(image_ids, coco_gt)
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        cocoeval.summarize()
+    summary = "\n".join(printed.getvalue().splitlines()[: len(STAT_NAMES)])  # faster_coco_eval adds AR50, AR75
+    stats = {name: float(value) for name, value in zip(STAT_NAMES, cocoeval.stats)}
+    return CocoMetrics(stats=stats, summary=summary, per_class=_per_class(cocoeval, coco_gt))
+
+
+def _backend(backend: str, coco_gt):
+    """The ground truth object and COCOeval constructor that ``backend`` evaluates with."""
+    if backend == "pycocotools":
+        return coco_gt, COCOeval
+    if backend != "faster_coco_eval":
+        raise ValueError(f"Unknown COCO evaluation backend '{backend}'. Available: {', '.join(BACKENDS)}")
+    try:
+        import faster_coco_eval
+    except ImportError:
+        raise ImportError(
+            "backend 'faster_coco_eval' needs the faster-coco-eval package: "
+            "pip install faster-coco-eval (or the project's extra: pip install 'mbbackbones[fast]')"
+        ) from None
+    # faster_coco_eval annotates GT dicts in place: give it copies, not the caller's
+    dataset = {**coco_gt.dataset, "annotations": [dict(ann) for ann in coco_gt.dataset.get("annotations", [])]}
+    return faster_coco_eval.COCO(dataset), functools.partial(faster_coco_eval.COCOeval_faster, print_function=print)
+
+
+def _load_detections(ground_truth, results: list[dict]):
+    """``loadRes`` on copies (it adds keys to each entry); an empty detection set for ``[]``."""
+    if results:
+        return ground_truth.loadRes([dict(result) for result in results])
+    detections = type(ground_truth)()
+    detections.dataset = {
+        "images": ground_truth.dataset["images"],
+        "categories": ground_truth.dataset["categories"],
+        "annotations": [],
+    }
+    detections.createIndex()
+    return detections
+
+
+def _image_ids(image_ids: Iterable[int], coco_gt) -> list[int]:
+    ids = sorted({int(image_id) for image_id in image_ids})
+    if not ids:
+        raise ValueError("evaluate: image_ids is empty, nothing to evaluate")
+    _check_known(ids, coco_gt.getImgIds(), "image_ids")
+    return ids
+
+
+def _check_known(ids: Iterable[int], known: Iterable[int], what: str) -> None:
+    unknown = sorted(set(ids) - set(known))
+    if unknown:
+        raise ValueError(f"{what} not in the ground truth: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+
+
+def _per_class(cocoeval, coco_gt) -> list[tuple[str, float, float]]:
+    """(name, AP, AP50) per category, averaged from ``eval["precision"]`` as COCOeval's summary does."""
+    params = cocoeval.params
+    # precision: [IoU thresholds, recall points, categories, area ranges, max detections]
+    precision = cocoeval.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]
+    iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    return [
+        (coco_gt.cats[category_id]["name"], _mean_valid(precision[:, :, k]), _mean_valid(precision[iou50, :, k]))
+        for k, category_id in enumerate(params.catIds)
+    ]
+
+
+def _mean_valid(precision: np.ndarray) -> float:
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else -1.0

@@ -1,0 +1,386 @@
+"""COCO reading, the built-in shapes dataset and SSD augmentation, written as specifications."""
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from conftest import REAL
+from PIL import Image
+from pycocotools.cocoeval import COCOeval
+
+from heads.coco import CocoDetection, builtin_coco, collate_detection
+from heads.data import DataError
+from heads.det_transforms import MEAN_FILL, RandomIoUCrop, RandomZoomOut, SSDTrainTransform
+
+REAL_SAMPLE = REAL / "coco_sample"
+COCO_KEYS = {"info", "licenses", "images", "annotations", "categories"}
+ANNOTATION_KEYS = {"id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation"}
+POLICIES = {"ssd": {}, "ssdlite": dict(zoom_out=False, photometric=False)}
+
+
+def instances(root: Path, split: str) -> dict:
+    return json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Path:
+    return builtin_coco(tmp_path_factory.mktemp("data") / "shapes", num_train=40, num_val=12)
+
+
+def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> Path:
+    """A COCO folder from ``{file_name: PIL image or raw bytes}`` and ``[(file_name, bbox, iscrowd)]``."""
+    (root / split).mkdir(parents=True)
+    (root / "annotations").mkdir()
+    records = []
+    for image_id, (name, image) in enumerate(images.items(), start=1):
+        if isinstance(image, bytes):
+            (root / split / name).write_bytes(image)
+            width, height = 64, 48
+        else:
+            image.save(root / split / name)
+            width, height = image.size
+        records.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    ids = {record["file_name"]: record["id"] for record in records}
+    anns = [{"id": i, "image_id": ids[name], "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
+            for i, (name, bbox, crowd) in enumerate(annotations, start=1)]
+    dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
+    return root
+
+
+def gray_image(width=64, height=48, mode="RGB") -> Image.Image:
+    return Image.new(mode, (width, height), {"RGB": (90, 90, 90), "L": 90, "CMYK": (10, 20, 30, 40)}[mode])
+
+
+# ---- the built-in dataset
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+def test_builtin_is_exact_coco(builtin, split):
+    dataset = instances(builtin, split)
+    assert set(dataset) == COCO_KEYS
+    assert all(set(ann) == ANNOTATION_KEYS for ann in dataset["annotations"])
+    assert all({"id", "file_name", "width", "height"} <= set(image) for image in dataset["images"])
+    category_ids = sorted(category["id"] for category in dataset["categories"])
+    assert len(category_ids) == 5 and category_ids != list(range(1, 6))
+    for image in dataset["images"]:
+        with Image.open(builtin / split / image["file_name"]) as file:
+            assert file.size == (image["width"], image["height"])
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+def test_builtin_variety(builtin, split):
+    dataset = instances(builtin, split)
+    sizes = {(image["width"], image["height"]) for image in dataset["images"]}
+    assert len(sizes) > 5 and any(width != height for width, height in sizes)
+    annotated = {ann["image_id"] for ann in dataset["annotations"]}
+    assert any(image["id"] not in annotated for image in dataset["images"]), "no empty image"
+    modes = {Image.open(builtin / split / image["file_name"]).mode for image in dataset["images"]}
+    assert modes == {"RGB", "L"}
+
+
+def test_builtin_train_has_crowds_and_large_objects(builtin):
+    dataset = instances(builtin, "train2017")
+    assert any(ann["iscrowd"] for ann in dataset["annotations"])
+    sizes = {image["id"]: min(image["width"], image["height"]) for image in dataset["images"]}
+    relative = [max(ann["bbox"][2:]) / sizes[ann["image_id"]] for ann in dataset["annotations"] if not ann["iscrowd"]]
+    assert 0.1 < min(relative) and max(relative) < 0.65
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+def test_builtin_evaluates_perfectly_against_itself(builtin, split):
+    """The files are what pycocotools expects: ground truth used as detections scores AP 1."""
+    coco = CocoDetection(builtin, split).coco
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in coco.dataset["annotations"] if not a["iscrowd"]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
+def test_builtin_segmentation_matches_boxes(builtin):
+    coco = CocoDetection(builtin, "val2017").coco
+    for ann in coco.dataset["annotations"]:
+        ys, xs = np.nonzero(coco.annToMask(ann))
+        x, y, w, h = ann["bbox"]
+        assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x, y, x + w, y + h], atol=2)
+        assert 0 < ann["area"] <= w * h + 2 * (w + h)
+
+
+def test_builtin_is_written_once(builtin):
+    annotation_file = builtin / "annotations" / "instances_train2017.json"
+    before = annotation_file.stat().st_mtime_ns
+    assert builtin_coco(builtin, num_train=40, num_val=12) == builtin
+    assert annotation_file.stat().st_mtime_ns == before
+    assert not [p for p in builtin.parent.iterdir() if p != builtin], "a staging folder was left behind"
+
+
+def test_builtin_refuses_other_arguments_on_same_root(builtin):
+    with pytest.raises(DataError, match="delete it or pass another root"):
+        builtin_coco(builtin, num_train=41, num_val=12)
+
+
+def test_builtin_is_deterministic(tmp_path):
+    first, second = (builtin_coco(tmp_path / name, num_train=4, num_val=2, seed=7) for name in "ab")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+def test_builtin_root_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path))
+    assert builtin_coco(num_train=2, num_val=1) == tmp_path / "builtin_coco"
+
+
+@pytest.mark.parametrize("label_mode, num_classes", [("contiguous", 6), ("coco91", 42)])
+def test_builtin_loads(builtin, label_mode, num_classes):
+    dataset = CocoDetection(builtin, "train2017", label_mode=label_mode, train=True)
+    assert len(dataset) == 40 and dataset.num_classes == num_classes
+    assert dataset.class_names[dataset.category_to_label[3]] == "circle"
+    for image, target in (dataset[i] for i in range(len(dataset))):
+        assert image.dtype == torch.float32 and image.shape[0] == 3 and 0 <= image.min() <= image.max() <= 1
+        boxes = target["boxes"]
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= image.shape[2]).all()
+        assert set(target["labels"].tolist()) <= set(dataset.label_to_category)
+
+
+# ---- reading real COCO
+
+
+@pytest.mark.parametrize("label_mode, label_of_cat, num_classes", [("contiguous", 16, 81), ("coco91", 17, 91)])
+def test_real_sample_labels(label_mode, label_of_cat, num_classes):
+    dataset = CocoDetection(REAL_SAMPLE, label_mode=label_mode)
+    assert dataset.num_classes == num_classes == len(dataset.class_names)
+    assert dataset.category_to_label[17] == label_of_cat and dataset.label_to_category[label_of_cat] == 17
+    assert dataset.class_names[label_of_cat] == dataset.coco.cats[17]["name"]
+    assert dataset.class_names[0] == "__background__"
+    assert dataset.class_names.count("N/A") == (10 if label_mode == "coco91" else 0)
+
+
+def test_real_sample_boxes_match_json():
+    dataset = CocoDetection(REAL_SAMPLE)
+    image, target = dataset[0]
+    annotations = instances(REAL_SAMPLE, "val2017")["annotations"]
+    expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)])
+    assert image.shape == (3, 480, 640) and target["image_id"] == 39769
+    torch.testing.assert_close(target["boxes"], expected.clamp(max=640))
+    assert target["labels"].tolist() == [dataset.category_to_label[a["category_id"]] for a in annotations]
+
+
+def test_index_past_the_end_ends_iteration():
+    dataset = CocoDetection(REAL_SAMPLE)
+    assert len(list(dataset)) == 1
+    with pytest.raises(IndexError):
+        dataset[1]
+
+
+def test_unknown_label_mode_lists_choices():
+    with pytest.raises(ValueError, match="contiguous.*coco91"):
+        CocoDetection(REAL_SAMPLE, label_mode="voc")
+
+
+@pytest.mark.parametrize("train, expected", [
+    (True, [[1, 2, 30, 40], [50, 10, 64, 20]]),
+    (False, [[1, 2, 30, 40], [50, 10, 64, 20], [0, 0, 10, 10], [5, 5, 5, 20], [64, 0, 64, 10]]),
+])
+def test_crowd_and_degenerate_boxes_dropped_in_training(tmp_path, train, expected):
+    boxes = [([1, 2, 29, 38], 0), ([50, 10, 30, 10], 0), ([0, 0, 10, 10], 1), ([5, 5, 0, 15], 0), ([70, 0, 5, 10], 0)]
+    root = write_coco(tmp_path, {"a.jpg": gray_image()}, [("a.jpg", bbox, crowd) for bbox, crowd in boxes])
+    _, target = CocoDetection(root, train=train)[0]
+    assert target["boxes"].tolist() == expected
+    assert len(target["labels"]) == len(expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_become_rgb(tmp_path, mode):
+    root = write_coco(tmp_path, {"a.jpg": gray_image(mode=mode)}, [])
+    image, target = CocoDetection(root)[0]
+    assert image.shape == (3, 48, 64) and target["boxes"].shape == (0, 4)
+
+
+def break_root(root: Path):
+    return root / "missing"
+
+
+def break_annotations(root: Path):
+    (root / "annotations" / "instances_val2017.json").unlink()
+    return root
+
+
+def truncate_json(root: Path):
+    path = root / "annotations" / "instances_val2017.json"
+    path.write_text(path.read_text()[:40])
+    return root
+
+
+def drop_key(root: Path):
+    path = root / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "annotations"}))
+    return root
+
+
+def bad_bbox(root: Path):
+    path = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(path.read_text())
+    dataset["annotations"][0]["bbox"] = [1, 2, 3]
+    path.write_text(json.dumps(dataset))
+    return root
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (break_root, "missing"),
+    (break_annotations, r"instances_val2017\.json"),
+    (truncate_json, r"instances_val2017\.json: invalid JSON at line 1 column \d+"),
+    (drop_key, r"instances_val2017\.json: missing key\(s\) \['annotations'\]"),
+    (bad_bbox, r"instances_val2017\.json: annotation 1 has malformed bbox \[1, 2, 3\]"),
+])
+def test_broken_dataset_errors_name_the_file(tmp_path, corrupt, message):
+    root = write_coco(tmp_path / "coco", {"a.jpg": gray_image()}, [("a.jpg", [1, 2, 3, 4], 0)])
+    with pytest.raises(DataError, match=message):
+        CocoDetection(corrupt(root))
+
+
+@pytest.fixture
+def with_corrupt(tmp_path) -> Path:
+    images = {"a.jpg": gray_image(), "b.jpg": b"not a jpeg", "c.jpg": gray_image(32, 32)}
+    return write_coco(tmp_path, images, [("c.jpg", [1, 1, 8, 8], 0)])
+
+
+def test_corrupt_image_error_names_file(with_corrupt):
+    with pytest.raises(DataError, match=r"b\.jpg"):
+        CocoDetection(with_corrupt)[1]
+
+
+def test_skip_corrupt_returns_next_and_counts(with_corrupt, caplog):
+    dataset = CocoDetection(with_corrupt, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[1], dataset[(1, 5)]]
+    assert [target["image_id"] for _, target in samples] == [3, 3]
+    assert dataset.skipped == {str(with_corrupt / "val2017" / "b.jpg")}
+    assert len(caplog.records) == 1 and "b.jpg" in caplog.records[0].getMessage()
+
+
+def test_all_corrupt_ends_with_error(tmp_path):
+    root = write_coco(tmp_path, {"a.jpg": b"junk", "b.jpg": b"junk"}, [])
+    with pytest.raises(DataError, match="no readable image"):
+        CocoDetection(root, skip_corrupt=True)[0]
+
+
+def test_collate_keeps_lists(builtin):
+    dataset = CocoDetection(builtin, "val2017")
+    images, targets = collate_detection([dataset[0], dataset[1]])
+    assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 2
+
+
+def test_dataset_applies_transform_with_item_seed(builtin):
+    dataset = CocoDetection(builtin, "train2017", transform=SSDTrainTransform(256), train=True)
+    (image, target), (again, target_again) = dataset[(3, 11)], dataset[(3, 11)]
+    assert image.shape == (3, 256, 256) and image.dtype == torch.float32 and image.max() <= 1
+    assert torch.equal(image, again) and torch.equal(target["boxes"], target_again["boxes"])
+
+
+# ---- augmentation
+
+
+COLOURS = np.array([(230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30)], dtype=np.uint8)
+BOXES = np.array([[10, 10, 110, 90], [150, 20, 290, 130], [40, 120, 140, 190], [200, 150, 280, 195]], np.float32)
+
+
+def painted_sample():
+    """A 300 x 200 image whose four boxes are filled with distinct colours, labels 1..4."""
+    image = np.full((200, 300, 3), 128, dtype=np.uint8)
+    for colour, (x0, y0, x1, y1) in zip(COLOURS, BOXES.astype(int)):
+        image[y0:y1, x0:x1] = colour
+    return image, BOXES, np.arange(1, 5)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_augmented_boxes_stay_inside_the_image(policy):
+    transform = SSDTrainTransform(160, **POLICIES[policy])
+    image, boxes, labels = painted_sample()
+    for seed in range(60):
+        out, out_boxes, out_labels = transform(image, boxes, labels, seed)
+        assert out.shape == (160, 160, 3) and out.dtype == np.uint8
+        assert out_boxes.dtype == np.float32 and out_labels.dtype == np.int64 and len(out_boxes) == len(out_labels)
+        assert (out_boxes >= 0).all() and (out_boxes <= 160).all() and (out_boxes[:, 2:] > out_boxes[:, :2]).all()
+
+
+@pytest.mark.parametrize("zoom_out", [True, False])
+def test_augmented_boxes_keep_their_labels(zoom_out):
+    """Each output box still covers the colour its label was painted with (photometric distortion off)."""
+    transform = SSDTrainTransform(160, zoom_out=zoom_out, photometric=False)
+    image, boxes, labels = painted_sample()
+    for seed in range(60):
+        out, out_boxes, out_labels = transform(image, boxes, labels, seed)
+        assert len(set(out_labels.tolist())) == len(out_labels) == len(out_boxes)
+        centres = ((out_boxes[:, :2] + out_boxes[:, 2:]) / 2).astype(int)
+        for (x, y), label in zip(centres, out_labels):
+            nearest = np.abs(COLOURS.astype(int) - out[y, x]).sum(axis=1).argmin()
+            assert nearest + 1 == label, f"seed {seed}: box of label {label} covers colour {out[y, x]}"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_same_seed_same_output_whatever_ran_before(policy):
+    image, boxes, labels = painted_sample()
+    first, other = SSDTrainTransform(**POLICIES[policy]), SSDTrainTransform(**POLICIES[policy])
+    expected = first(image, boxes, labels, 3)
+    first(image, boxes, labels, 4)
+    for out in (first(image, boxes, labels, 3), other(image, boxes, labels, 3)):
+        assert all(np.array_equal(a, b) for a, b in zip(out, expected))
+
+
+def test_images_without_boxes_pass():
+    image, _, _ = painted_sample()
+    for seed in range(10):
+        out, boxes, labels = SSDTrainTransform(128)(image, np.zeros((0, 4)), np.zeros(0), seed)
+        assert out.shape == (128, 128, 3) and boxes.shape == (0, 4) and labels.shape == (0,)
+
+
+@pytest.mark.parametrize("hflip, expected", [(0.0, [32, 32, 160, 160]), (1.0, [160, 32, 288, 160])])
+def test_resize_and_flip_map_a_known_box(hflip, expected):
+    """A 400 x 200 image resized to 320 x 320 scales x by 0.8 and y by 1.6; flipping maps x to 400 - x."""
+    transform = SSDTrainTransform(320, zoom_out=False, iou_crop=False, photometric=False, hflip=hflip)
+    image = np.zeros((200, 400, 3), dtype=np.uint8)
+    _, boxes, labels = transform(image, np.array([[40, 20, 200, 100]]), np.array([7]), seed=0)
+    np.testing.assert_allclose(boxes, [expected], atol=1e-3)
+    assert labels.tolist() == [7]
+
+
+def test_iou_crop_keeps_boxes_whose_centres_are_inside():
+    crop = A.Compose([RandomIoUCrop()], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]),
+                     save_applied_params=True)
+    image, boxes, labels = painted_sample()
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    for seed in range(60):
+        crop.set_random_seed(seed)
+        out = crop(image=image, bboxes=boxes, labels=labels)
+        x0, y0, x1, y1 = out["applied_transforms"][0][1]["crop_coords"]
+        inside = (centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1)
+        assert np.asarray(out["labels"], dtype=int).tolist() == labels[inside].tolist()
+        expected = (boxes[inside] - [x0, y0, x0, y0]).clip(0, [x1 - x0, y1 - y0] * 2)
+        np.testing.assert_allclose(out["bboxes"], expected.reshape(-1, 4), atol=1e-3)
+        assert out["image"].shape == (y1 - y0, x1 - x0, 3)
+
+
+def test_zoom_out_pads_with_mean_and_moves_boxes():
+    zoom = A.Compose([RandomZoomOut(p=1.0)], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]),
+                     save_applied_params=True)
+    image, boxes, labels = painted_sample()
+    for seed in range(20):
+        zoom.set_random_seed(seed)
+        out = zoom(image=image, bboxes=boxes, labels=labels)
+        pads = out["applied_transforms"][0][1]
+        height, width = out["image"].shape[:2]
+        assert 200 <= height <= 800 and 300 <= width <= 1200
+        np.testing.assert_allclose(out["bboxes"], boxes + [pads["pad_left"], pads["pad_top"]] * 2, atol=1e-3)
+        if pads["pad_top"]:
+            assert (out["image"][0, 0] == MEAN_FILL).all()
