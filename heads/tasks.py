@@ -1,0 +1,157 @@
+"""What the training engine needs to know about each task: datasets, model, loss and evaluation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import registry
+from .config import TrainConfig
+
+
+def _moved(targets, device):
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+
+
+class DetectionTask:
+    """SSDLite on COCO or the built-in COCO-format dataset."""
+
+    name = "detection"
+    main_metric = "AP"
+    defaults: dict = {}
+
+    @staticmethod
+    def datasets(cfg: TrainConfig):
+        from .coco import CocoDetection, builtin_coco
+        from .det_transforms import SSDTrainTransform
+
+        if cfg.dataset not in ("coco", "builtin"):
+            raise ValueError(f"dataset={cfg.dataset!r} is not a detection dataset; choose coco or builtin")
+        if cfg.dataset == "coco" and not cfg.data_root:
+            raise ValueError("dataset: coco needs data_root (the folder with train2017/, val2017/, annotations/)")
+        root = cfg.data_root if cfg.dataset == "coco" else builtin_coco(cfg.data_root)
+        size = cfg.model_kwargs.get("size", 320)
+        policies = {"ssdlite": dict(zoom_out=False, photometric=False), "ssd": {},
+                    "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
+        if cfg.augment not in policies:
+            raise ValueError(f"augment={cfg.augment!r} is not a detection policy; choose {', '.join(policies)}")
+        common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
+        train = CocoDetection(root, cfg.train_split, transform=SSDTrainTransform(size, **policies[cfg.augment]),
+                              train=True, **common)
+        return train, CocoDetection(root, cfg.val_split, **common)
+
+    @staticmethod
+    def model(cfg: TrainConfig, train_set) -> nn.Module:
+        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
+                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+
+    @staticmethod
+    def collate(batch):
+        from .coco import collate_detection
+
+        return collate_detection(batch)
+
+    @staticmethod
+    def losses(model: nn.Module, batch, device) -> dict:
+        images, targets = batch
+        return model([image.to(device, non_blocking=True) for image in images], _moved(targets, device))
+
+    @staticmethod
+    def forward_images(model: nn.Module, batch, device) -> None:
+        images, _ = batch
+        model.predict(torch.stack([model._resize(image.to(device)) for image in images]))
+
+    @staticmethod
+    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
+        """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images)."""
+        from .coco_eval import evaluate, save_results, to_coco_results
+
+        detections, image_ids = predict_detections(model, dataset, cfg.batch_size, device, cfg.eval_limit)
+        results = to_coco_results(detections, image_ids, dataset.label_to_category)
+        metrics = evaluate(dataset.coco, results, backend=cfg.eval_backend, image_ids=image_ids)
+        if output is not None:
+            save_results(results, Path(output) / "detections.json")
+            (Path(output) / "metrics.txt").write_text(metrics.summary + "\n\n" + metrics.per_class_table() + "\n")
+            (Path(output) / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1))
+        print(metrics.summary)
+        return metrics.stats
+
+
+@torch.no_grad()
+def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None):
+    """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
+    model.eval()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    detections, image_ids = [], []
+    for start in tqdm(range(0, count, batch_size), desc="evaluate", leave=False):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        outputs = model([image.to(device) for image, _ in samples])
+        detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+        image_ids += [target["image_id"] for _, target in samples]
+    return detections, image_ids
+
+
+class SegmentationTask:
+    """LR-ASPP on Cityscapes or the built-in Cityscapes-layout dataset."""
+
+    name = "segmentation"
+    main_metric = "mIoU"
+    # mmsegmentation's LR-ASPP Cityscapes recipe: SGD 0.01 per 16 images, poly decay, 512x1024 crops
+    defaults = dict(model="lraspp_mbv3_large", dataset="builtin", train_split="train", val_split="val",
+                    augment="default", lr=0.01, lr_batch=16, weight_decay=4e-5, scheduler="poly", warmup_steps=0,
+                    batch_size=4, epochs=1721, output="runs/segmentation")
+
+    @staticmethod
+    def datasets(cfg: TrainConfig):
+        from .cityscapes import Cityscapes, SegTrainTransform, builtin_cityscapes
+
+        if cfg.dataset not in ("cityscapes", "builtin"):
+            raise ValueError(f"dataset={cfg.dataset!r} is not a segmentation dataset; choose cityscapes or builtin")
+        if cfg.dataset == "cityscapes" and not cfg.data_root:
+            raise ValueError("dataset: cityscapes needs data_root (the folder with leftImg8bit/ and gtFine/)")
+        if cfg.augment not in ("default", "none"):
+            raise ValueError(f"augment={cfg.augment!r} is not a segmentation policy; choose default or none")
+        root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes(cfg.data_root)
+        transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if cfg.augment == "default" else None
+        return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
+
+    @staticmethod
+    def model(cfg: TrainConfig, train_set) -> nn.Module:
+        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
+                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+
+    @staticmethod
+    def collate(batch):
+        return torch.utils.data.default_collate(batch)
+
+    @staticmethod
+    def losses(model: nn.Module, batch, device) -> dict:
+        images, masks = batch
+        logits = model(images.to(device, non_blocking=True))
+        return {"cross_entropy": F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)}
+
+    @staticmethod
+    def forward_images(model: nn.Module, batch, device) -> None:
+        model(batch[0].to(device))
+
+    @staticmethod
+    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
+        from .segment import evaluate
+
+        metrics = evaluate(model, dataset, device, limit=cfg.eval_limit, output=output)
+        print(metrics.table())
+        return {"mIoU": metrics.miou, "category_mIoU": metrics.category_miou,
+                "pixel_accuracy": metrics.pixel_accuracy}
+
+
+TASKS = {"detection": DetectionTask, "segmentation": SegmentationTask}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is not supported; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
