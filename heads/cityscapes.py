@@ -9,9 +9,6 @@ Layout read by :class:`Cityscapes` (``split=None`` drops the ``<split>`` level, 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import albumentations as A
@@ -24,8 +21,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
-from .coco import default_data_root
-from .data import DataError, read_image, split_item
+from .data import DataError, default_data_root, read_image, split_item, write_once
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -275,18 +271,11 @@ def builtin_cityscapes(root: str | Path | None = None, num_train: int = 60, num_
     settings = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
     record = root / "builtin.json"
     if not root.exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-        try:
-            _write_builtin(staging, {"train": num_train, "val": num_val}, tuple(size), seed)
-            (staging / record.name).write_text(json.dumps(settings))
-            try:
-                os.replace(staging, root)
-            except OSError:
-                if not root.exists():  # otherwise a concurrent call renamed its copy first
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        def write(folder: Path) -> None:
+            _write_builtin(folder, {"train": num_train, "val": num_val}, tuple(size), seed)
+            (folder / record.name).write_text(json.dumps(settings))
+
+        write_once(root, write)
     try:
         found = json.loads(record.read_text())
     except (OSError, ValueError):

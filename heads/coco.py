@@ -7,9 +7,6 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
-from .data import DataError, read_image, split_item
+from .data import DataError, default_data_root, read_image, split_item, write_once
 
 _logger = logging.getLogger(__name__)
 
@@ -195,11 +192,6 @@ OUTLINES = {  # unit polygons centred at the origin
 }
 
 
-def default_data_root() -> Path:
-    """``$MBBACKBONES_DATA`` when set, else ``~/.cache/mbbackbones``."""
-    return Path(os.environ.get("MBBACKBONES_DATA", "~/.cache/mbbackbones")).expanduser()
-
-
 def builtin_coco(root=None, num_train: int = 400, num_val: int = 60, size_range=(240, 480), seed: int = 0) -> Path:
     """Write (once) and return a small COCO-format shapes dataset that an SSDLite learns in minutes on CPU.
 
@@ -215,27 +207,20 @@ def builtin_coco(root=None, num_train: int = 400, num_val: int = 60, size_range=
     root = Path(root).expanduser() if root is not None else default_data_root() / "builtin_coco"
     description = (f"mbbackbones built-in shapes: num_train={num_train} num_val={num_val} "
                    f"size_range={tuple(size_range)} seed={seed}")
-    if root.exists():
-        _check_builtin(root, description)
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
-            rng = np.random.default_rng((seed, split_index))
-            info = {"description": description, "version": "1.0", "year": 2017, "contributor": "mbbackbones",
-                    "url": "", "date_created": "2017/09/01"}
-            dataset = {"info": info, **_write_split(staging / split, rng, count, size_range, split_index * 10**6 + 1)}
-            (staging / "annotations").mkdir(exist_ok=True)
-            (staging / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not root.exists():  # otherwise a concurrent call renamed its copy first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not root.exists():
+        write_once(root, lambda folder: _write_builtin(folder, description, (num_train, num_val), size_range, seed))
+    _check_builtin(root, description)
     return root
+
+
+def _write_builtin(folder: Path, description: str, counts, size_range, seed: int) -> None:
+    for split_index, (split, count) in enumerate(zip(SPLITS, counts)):
+        rng = np.random.default_rng((seed, split_index))
+        info = {"description": description, "version": "1.0", "year": 2017, "contributor": "mbbackbones",
+                "url": "", "date_created": "2017/09/01"}
+        dataset = {"info": info, **_write_split(folder / split, rng, count, size_range, split_index * 10**6 + 1)}
+        (folder / "annotations").mkdir(exist_ok=True)
+        (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
 
 
 def _check_builtin(root: Path, description: str) -> None:

@@ -61,24 +61,19 @@ def to_coco_results(
 ) -> list[dict]:
     """COCO results entries from torchvision-style detections (xyxy boxes in original pixels).
 
-    ``label_to_category`` maps the model's contiguous labels to COCO category ids.
+    ``label_to_category`` maps the model's labels to COCO category ids; detections with a label it
+    lacks (the background, or an unused id of torchvision's 91-class space) are dropped.
     """
     if len(detections) != len(image_ids):
         raise ValueError(f"to_coco_results: {len(detections)} detections for {len(image_ids)} image ids")
     results = []
     for detection, image_id in zip(detections, image_ids):
         labels = detection["labels"].tolist()
-        unknown = sorted(set(labels) - set(label_to_category))
-        if unknown:
-            raise ValueError(
-                f"image {image_id}: labels {unknown} have no COCO category in label_to_category "
-                f"(known labels: {sorted(label_to_category)})"
-            )
         boxes = box_convert(detection["boxes"].detach().cpu().double(), "xyxy", "xywh").round(decimals=_BOX_DECIMALS)
         scores = detection["scores"].detach().cpu().double().round(decimals=_SCORE_DECIMALS)
         results += [
             {"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box, "score": score}
-            for label, box, score in zip(labels, boxes.tolist(), scores.tolist())
+            for label, box, score in zip(labels, boxes.tolist(), scores.tolist()) if label in label_to_category
         ]
     return results
 

@@ -143,6 +143,7 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.train_set, self.val_set = task.datasets(cfg)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process and run
         model = task.model(cfg, self.train_set).to(self.env.device)
         if cfg.sync_bn and self.env.world > 1:
             if self.env.device.type != "cuda":
@@ -173,7 +174,7 @@ class Trainer:
     def state(self) -> dict:
         state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                 "metrics": self.metrics, "config": to_dict(self.cfg)}
+                 "metrics": self.metrics, "config": to_dict(self.cfg), "class_names": list(self.train_set.class_names)}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
         return state

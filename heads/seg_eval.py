@@ -16,6 +16,7 @@ from PIL import Image
 
 from .cityscapes import CATEGORIES, CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE, TRAIN_ID_TO_ID, read_label_ids
 from .data import DataError
+from .visualize import overlay_mask
 
 PREDICTION_SUFFIX = "_labelIds.png"  # <city>_<seq>_<frame>_labelIds.png: matches the official "<stem>*.png" search
 
@@ -176,8 +177,7 @@ def write_predictions(pred_train_ids, stem: str, out_dir: str | Path, image: np.
     path = out_dir / f"{stem}{PREDICTION_SUFFIX}"
     Image.fromarray(TRAIN_ID_TO_ID[pred]).save(path)
     if image is not None:
-        overlay = 0.5 * image + 0.5 * PALETTE[pred]
-        Image.fromarray(overlay.astype(np.uint8)).save(out_dir / f"{stem}_overlay.jpg", quality=90)
+        overlay_mask(image, pred, PALETTE).save(out_dir / f"{stem}_overlay.jpg", quality=90)
     return path
 
 

@@ -79,7 +79,7 @@ class SSDLite(nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None):
         sizes = [tuple(image.shape[-2:]) for image in images]
-        batch = torch.stack([self._resize(image) for image in images])
+        batch = torch.stack([self.resize(image) for image in images])
         if self.training:
             if targets is None:
                 raise ValueError("SSDLite in training mode needs targets: model(images, targets)")
@@ -88,7 +88,8 @@ class SSDLite(nn.Module):
         boxes, scores = self.decode(self.predict(batch), batch.shape[-2:])
         return [self.select(b, s, size) for b, s, size in zip(boxes, scores, sizes)]
 
-    def _resize(self, image: Tensor) -> Tensor:
+    def resize(self, image: Tensor) -> Tensor:
+        """A 3xHxW image in [0, 1] at the model size (bilinear, as torchvision's transform)."""
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"expected images as 3xHxW float tensors in [0, 1], got {image.dtype} "
                              f"{tuple(image.shape)}")

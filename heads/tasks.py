@@ -17,37 +17,49 @@ def _moved(targets, device):
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
 
 
-class DetectionTask:
+class Task:
+    """The engine's view of a task; subclasses add datasets, collate, losses and evaluation."""
+
+    name: str
+    main_metric: str
+    defaults: dict = {}  # TrainConfig values that differ from the (detection) defaults
+
+    @staticmethod
+    def model(cfg: TrainConfig, train_set) -> nn.Module:
+        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
+                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+
+    @staticmethod
+    def check_dataset(cfg: TrainConfig, choices: dict[str, str], policies) -> None:
+        if cfg.dataset not in choices:
+            raise ValueError(f"dataset={cfg.dataset!r} is not a {cfg.task} dataset; choose one of {', '.join(choices)}")
+        if cfg.dataset != "builtin" and not cfg.data_root:
+            raise ValueError(f"dataset: {cfg.dataset} needs data_root ({choices[cfg.dataset]})")
+        if cfg.augment not in policies:
+            raise ValueError(f"augment={cfg.augment!r} is not a {cfg.task} policy; choose one of {', '.join(policies)}")
+
+
+class DetectionTask(Task):
     """SSDLite on COCO or the built-in COCO-format dataset."""
 
     name = "detection"
     main_metric = "AP"
-    defaults: dict = {}
+    policies = {"ssdlite": dict(zoom_out=False, photometric=False), "ssd": {},
+                "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
 
     @staticmethod
     def datasets(cfg: TrainConfig):
         from .coco import CocoDetection, builtin_coco
         from .det_transforms import SSDTrainTransform
 
-        if cfg.dataset not in ("coco", "builtin"):
-            raise ValueError(f"dataset={cfg.dataset!r} is not a detection dataset; choose coco or builtin")
-        if cfg.dataset == "coco" and not cfg.data_root:
-            raise ValueError("dataset: coco needs data_root (the folder with train2017/, val2017/, annotations/)")
+        policies = DetectionTask.policies
+        Task.check_dataset(cfg, {"coco": "the folder with train2017/, val2017/, annotations/", "builtin": ""},
+                           policies)
         root = cfg.data_root if cfg.dataset == "coco" else builtin_coco(cfg.data_root)
-        size = cfg.model_kwargs.get("size", 320)
-        policies = {"ssdlite": dict(zoom_out=False, photometric=False), "ssd": {},
-                    "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
-        if cfg.augment not in policies:
-            raise ValueError(f"augment={cfg.augment!r} is not a detection policy; choose {', '.join(policies)}")
+        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **policies[cfg.augment])
         common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
-        train = CocoDetection(root, cfg.train_split, transform=SSDTrainTransform(size, **policies[cfg.augment]),
-                              train=True, **common)
+        train = CocoDetection(root, cfg.train_split, transform=transform, train=True, **common)
         return train, CocoDetection(root, cfg.val_split, **common)
-
-    @staticmethod
-    def model(cfg: TrainConfig, train_set) -> nn.Module:
-        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
-                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
 
     @staticmethod
     def collate(batch):
@@ -63,7 +75,7 @@ class DetectionTask:
     @staticmethod
     def forward_images(model: nn.Module, batch, device) -> None:
         images, _ = batch
-        model.predict(torch.stack([model._resize(image.to(device)) for image in images]))
+        model.predict(torch.stack([model.resize(image.to(device)) for image in images]))
 
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
@@ -95,7 +107,7 @@ def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit
     return detections, image_ids
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     """LR-ASPP on Cityscapes or the built-in Cityscapes-layout dataset."""
 
     name = "segmentation"
@@ -109,20 +121,11 @@ class SegmentationTask:
     def datasets(cfg: TrainConfig):
         from .cityscapes import Cityscapes, SegTrainTransform, builtin_cityscapes
 
-        if cfg.dataset not in ("cityscapes", "builtin"):
-            raise ValueError(f"dataset={cfg.dataset!r} is not a segmentation dataset; choose cityscapes or builtin")
-        if cfg.dataset == "cityscapes" and not cfg.data_root:
-            raise ValueError("dataset: cityscapes needs data_root (the folder with leftImg8bit/ and gtFine/)")
-        if cfg.augment not in ("default", "none"):
-            raise ValueError(f"augment={cfg.augment!r} is not a segmentation policy; choose default or none")
+        Task.check_dataset(cfg, {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""},
+                           ("default", "none"))
         root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes(cfg.data_root)
         transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if cfg.augment == "default" else None
         return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
-
-    @staticmethod
-    def model(cfg: TrainConfig, train_set) -> nn.Module:
-        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
-                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
 
     @staticmethod
     def collate(batch):

@@ -1,0 +1,179 @@
+"""The evaluation and inference tools (``tools/eval_det.py``, ``tools/eval_seg.py``, ``tools/infer.py``).
+
+Each ``*_main(argv)`` parses its arguments and runs; errors in the inputs (missing files, unknown models,
+unreadable data) end it with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import segment
+from .cityscapes import PALETTE, Cityscapes, builtin_cityscapes
+from .coco import LABEL_MODES, CocoDetection, builtin_coco
+from .coco_eval import BACKENDS, load_results, save_results, to_coco_results
+from .coco_eval import evaluate as evaluate_detections
+from .data import read_image
+from .predictors import Timings, find_weights, load_model, make_predictor, resolve_device
+from .seg_eval import evaluate_folder, plot_confusion
+from .tasks import predict_detections
+from .visualize import draw_detections, overlay_mask
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _parser(description: str):
+    """A parser with --model and --device, and a required group holding --weights (tools add alternatives)."""
+    parser = argparse.ArgumentParser(description=description)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="training run folder, its last.pt, or a state dict file")
+    parser.add_argument("--model", help="registered model name (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    return parser, source
+
+
+def _add_data(parser: argparse.ArgumentParser, split: str) -> None:
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-root", help="dataset root")
+    data.add_argument("--builtin", action="store_true", help="the built-in dataset (generated on first use)")
+    parser.add_argument("--split", default=split)
+    parser.add_argument("--limit", type=int, help="first N images only")
+    parser.add_argument("--out", type=Path, help="folder for the outputs")
+    parser.add_argument("--json", type=Path, help="write the metrics here")
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable):
+    """Parse ``argv`` and call ``body(args)``; input errors exit with one line and status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+def _write_json(path: Path | None, metrics) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics, indent=1))
+
+
+# -- detection --------------------------------------------------------------------------------------------------
+
+def eval_det_main(argv: list[str] | None = None):
+    """COCO box AP of a model, or of an existing results file; returns the ``CocoMetrics``."""
+    parser, source = _parser("Evaluate a detector on COCO (or the built-in set): COCOeval's summary, AP per class.")
+    source.add_argument("--results", help="score this COCO results JSON instead of running a model")
+    _add_data(parser, "val2017")
+    parser.add_argument("--label-mode", choices=LABEL_MODES, help="default: the run's, else contiguous")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--backend", choices=BACKENDS, default="pycocotools")
+    return _run(parser, argv, _eval_det)
+
+
+def _eval_det(args):
+    config = find_weights(args.weights)[1] if args.weights else None
+    label_mode = args.label_mode or (config.label_mode if config else "contiguous")
+    dataset = CocoDetection(args.data_root or builtin_coco(), args.split, label_mode=label_mode)
+    image_ids = dataset.image_ids[:args.limit]
+    if args.results:
+        results = load_results(args.results)
+    else:
+        device = resolve_device(args.device)
+        loaded = load_model(args.weights, args.model, num_classes=dataset.num_classes, device=device)
+        detections, image_ids = predict_detections(loaded.model, dataset, args.batch_size, device, args.limit)
+        results = to_coco_results(detections, image_ids, dataset.label_to_category)
+        if args.out:
+            save_results(results, args.out / "detections.json")
+    metrics = evaluate_detections(dataset.coco, results, backend=args.backend, image_ids=image_ids)
+    print(metrics.summary, metrics.per_class_table(), sep="\n\n")
+    _write_json(args.json, metrics.to_json())
+    return metrics
+
+
+# -- segmentation -----------------------------------------------------------------------------------------------
+
+def eval_seg_main(argv: list[str] | None = None):
+    """Cityscapes IoU of a model, or of a folder of label-id PNGs; returns the ``SegMetrics``."""
+    parser, source = _parser("Evaluate a segmenter on Cityscapes (or the built-in set): IoU per class and category.")
+    source.add_argument("--predictions", type=Path, help="score this folder of <stem>*_labelIds.png files instead")
+    _add_data(parser, "val")
+    parser.add_argument("--mode", choices=segment.MODES, default="whole")
+    parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"), help="slide window")
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide step (default: 2/3 crop)")
+    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--write-predictions", action="store_true",
+                        help="label-id PNGs for the Cityscapes server and overlays, in --out/predictions")
+    return _run(parser, argv, _eval_seg)
+
+
+def _eval_seg(args):
+    if args.write_predictions and not args.out:
+        raise ValueError("--write-predictions needs --out (the folder to write them to)")
+    dataset = Cityscapes(args.data_root or builtin_cityscapes(), args.split)
+    # the first --limit samples, so that a model and --predictions are scored on the same files
+    dataset.files, dataset.stems = dataset.files[:args.limit], dataset.stems[:args.limit]
+    if args.predictions:
+        metrics = evaluate_folder(args.predictions, dataset)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            plot_confusion(metrics.confusion, dataset.class_names, args.out / "confusion.png")
+    else:
+        device = resolve_device(args.device)
+        model = load_model(args.weights, args.model, device=device).model
+        metrics = segment.evaluate(model, dataset, device, output=args.out, write=args.write_predictions,
+                                   mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,
+                                   scales=args.scales)
+    print(metrics.table())
+    _write_json(args.json, metrics.to_json())
+    return metrics
+
+
+# -- inference --------------------------------------------------------------------------------------------------
+
+def list_images(path: Path) -> list[Path]:
+    """``path`` itself, or the images directly inside the folder ``path``, sorted."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input not found: {path}")
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return images
+
+
+def infer_main(argv: list[str] | None = None) -> list[Timings]:
+    """Predict on an image or a folder; write one PNG picture per image; returns the timings."""
+    parser, _ = _parser("Run a detector or segmenter on images; write pictures of the predictions.")
+    parser.add_argument("--task", choices=("detection", "segmentation"), help="checked against the model's")
+    parser.add_argument("input", type=Path, help="an image or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="folder for <image stem>.png pictures")
+    parser.add_argument("--score-thresh", type=float, default=0.3, help="detection: draw boxes scoring this or more")
+    return _run(parser, argv, _infer)
+
+
+def _infer(args) -> list[Timings]:
+    images = list_images(args.input)
+    loaded = load_model(args.weights, args.model, device=args.device)
+    if args.task and args.task != loaded.task:
+        raise ValueError(f"--task {args.task} but {loaded.name} is a {loaded.task} model")
+    predictor = make_predictor(loaded)
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for path in tqdm(images, desc="infer", disable=len(images) == 1):
+        image = read_image(path)
+        output, timing = predictor(image)
+        if loaded.task == "detection":
+            picture = draw_detections(image, **output, class_names=loaded.class_names, score_thresh=args.score_thresh)
+        else:
+            picture = overlay_mask(image, output, PALETTE)
+        picture.save(args.out / f"{path.stem}.png")
+        tqdm.write(f"{path.name}: {timing}")
+        timings.append(timing)
+    print(f"mean over {len(timings)} images: {Timings.mean(timings)}")
+    return timings

@@ -1,0 +1,185 @@
+"""Evaluation and inference tools, in-process, on runs trained for two steps on the built-in datasets."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from heads import segment
+from heads.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
+from heads.cli import eval_det_main, eval_seg_main, infer_main
+from heads.coco import CocoDetection, builtin_coco
+from heads.coco_eval import load_results
+from heads.config import make_config
+from heads.data import read_image
+from heads.engine import Trainer
+from heads.predictors import load_model, make_predictor
+from heads.seg_eval import PREDICTION_SUFFIX
+from heads.tasks import get_task
+from heads.visualize import class_colour, draw_detections, overlay_mask
+
+TINY = dict(max_steps=2, batch_size=2, workers=0, eval_limit=4, optimizer="adam", lr=0.001, lr_batch=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    """The built-in datasets in a temporary home (what --builtin reads); one thread, as CPU tests run fastest."""
+    home = tmp_path_factory.mktemp("data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MBBACKBONES_DATA", str(home))
+        yield home
+    torch.set_num_threads(threads)
+
+
+def _train(task: str, output, **values):
+    cfg = make_config({**get_task(task).defaults, "task": task, "output": str(output), **TINY, **values})
+    Trainer(cfg, get_task(task)).fit()
+    return output
+
+
+@pytest.fixture(scope="module")
+def det_run(data_home, tmp_path_factory):
+    return _train("detection", tmp_path_factory.mktemp("det_run"), model="ssdlite320_mbv3_small_reduced",
+                  data_root=str(data_home / "builtin_coco"))
+
+
+@pytest.fixture(scope="module")
+def seg_run(data_home, tmp_path_factory):
+    return _train("segmentation", tmp_path_factory.mktemp("seg_run"), model="lraspp_mbv3_small_reduced",
+                  data_root=str(data_home / "builtin_cityscapes"), crop_size=[128, 256])
+
+
+@pytest.fixture(scope="module")
+def images(det_run, seg_run, tmp_path_factory):
+    """Two images of different sizes: a built-in COCO one and a built-in Cityscapes one."""
+    folder = tmp_path_factory.mktemp("images")
+    coco = CocoDetection(builtin_coco(), "val2017")
+    shutil.copy(coco.image_dir / coco.coco.imgs[coco.image_ids[0]]["file_name"], folder)
+    shutil.copy(Cityscapes(builtin_cityscapes(), "val").files[0][0], folder)
+    return sorted(folder.iterdir())
+
+
+def test_eval_det_writes_results_that_rescore_the_same(det_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["--builtin", "--limit", "4"]
+    metrics = eval_det_main(["--weights", str(det_run), *common, "--batch-size", "2", "--out", str(out),
+                             "--json", str(tmp_path / "metrics.json")])
+    printed = capsys.readouterr().out
+    assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
+    assert "| class" in printed and "| circle" in printed
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics.to_json()
+    results = load_results(out / "detections.json")
+    assert {r["image_id"] for r in results} <= set(CocoDetection(builtin_coco(), "val2017").image_ids[:4])
+
+    rescored = eval_det_main(["--results", str(out / "detections.json"), *common])
+    assert rescored.stats == metrics.stats
+    faster = eval_det_main(["--results", str(out / "detections.json"), *common, "--backend", "faster_coco_eval"])
+    assert faster.stats == pytest.approx(metrics.stats, abs=1e-9)
+
+
+def test_eval_seg_writes_predictions_that_rescore_the_same(seg_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    metrics = eval_seg_main(["--weights", str(seg_run), "--builtin", "--limit", "2", "--out", str(out),
+                             "--write-predictions", "--json", str(tmp_path / "metrics.json")])
+    printed = capsys.readouterr().out
+    assert "road" in printed and "category" in printed and "pixel accuracy" in printed
+    assert (out / "confusion.png").is_file()
+    stems = Cityscapes(builtin_cityscapes(), "val").stems[:2]
+    assert sorted(p.name for p in (out / "predictions").glob("*.png")) == [s + PREDICTION_SUFFIX for s in stems]
+    assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == pytest.approx(metrics.miou)
+
+    rescored = eval_seg_main(["--predictions", str(out / "predictions"), "--builtin", "--limit", "2",
+                              "--out", str(tmp_path / "rescored")])
+    assert rescored.miou == pytest.approx(metrics.miou, abs=1e-12)
+    assert (rescored.confusion == metrics.confusion).all()
+    assert (tmp_path / "rescored" / "confusion.png").is_file()
+
+
+def test_eval_seg_slide_flip_scales(seg_run, capsys):
+    metrics = eval_seg_main(["--weights", str(seg_run), "--builtin", "--limit", "1", "--mode", "slide",
+                             "--crop", "128", "256", "--stride", "96", "192", "--flip", "--scales", "0.75", "1"])
+    assert metrics.confusion.sum() > 0 and "mean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("run, task", [("det_run", "detection"), ("seg_run", "segmentation")])
+def test_infer_draws_each_image(run, task, images, tmp_path, capsys, request):
+    out = tmp_path / "pictures"
+    timings = infer_main(["--weights", str(request.getfixturevalue(run)), "--task", task, str(images[0].parent),
+                          "--out", str(out), "--score-thresh", "0.01"])
+    assert len(timings) == 2 and all(t.total_ms > 0 for t in timings)
+    for path in images:
+        with Image.open(out / f"{path.stem}.png") as picture, Image.open(path) as original:
+            assert picture.size == original.size and picture.mode == "RGB"
+    assert "mean over 2 images" in capsys.readouterr().out
+
+
+def test_detection_predictor_matches_the_model(det_run, images):
+    loaded = load_model(det_run)
+    assert loaded.class_names == ["__background__", "circle", "square", "triangle", "cross", "star"]
+    image = read_image(images[0])
+    detections, timings = make_predictor(loaded)(image)
+    expected = loaded.model([torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255])[0]
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(detections[key], expected[key])
+    assert timings.model_ms > 0
+
+
+def test_segmentation_predictor_matches_evaluation(seg_run):
+    predictor = make_predictor(load_model(seg_run), flip=True)
+    dataset = Cityscapes(builtin_cityscapes(), "val")
+    mask, _ = predictor(dataset.load(0)[0])
+    expected = segment.predict(predictor.model, dataset[0][0][None], flip=True)[0].argmax(0)
+    assert mask.dtype == np.uint8 and (torch.from_numpy(mask).long() == expected).float().mean() > 0.999
+
+
+def test_plain_state_dict_needs_the_model_name(det_run, tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(load_model(det_run).model.state_dict(), path)
+    loaded = load_model(path, "ssdlite320_mbv3_small_reduced", num_classes=6)
+    assert loaded.config is None and loaded.class_names[1] == "class 1"
+    with pytest.raises(ValueError, match="pass the model name"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (eval_det_main, ["--weights", "{tmp}/missing.pt", "--builtin"], "weights not found"),
+    (eval_det_main, ["--weights", "{det}", "--model", "ssdlite_nope", "--builtin"], "Unknown task model"),
+    (eval_det_main, ["--weights", "{det}", "--data-root", "{tmp}/nowhere"], "COCO path not found"),
+    (eval_seg_main, ["--weights", "{seg}", "--data-root", "{tmp}/nowhere"], "Cityscapes root not found"),
+    (infer_main, ["--weights", "{det}", "{tmp}/nowhere", "--out", "{tmp}/out"], "input not found"),
+    (infer_main, ["--weights", "{seg}", "--task", "detection", "{seg}/plot.png", "--out", "{tmp}"],
+     "segmentation model"),
+])
+def test_errors_are_one_line(main, argv, message, det_run, seg_run, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, det=det_run, seg=seg_run) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1 and message in error
+
+
+def test_draw_detections_colours_classes_and_skips_low_scores():
+    image = np.full((120, 160, 3), 128, dtype=np.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 80.0, 100.0], [90.0, 20.0, 150.0, 110.0]])
+    names = ["__background__", "circle", "square"]
+    picture = np.asarray(draw_detections(image, boxes, torch.tensor([1, 2]), torch.tensor([0.9, 0.2]), names))
+    assert tuple(picture[60, 10]) == class_colour(1)  # left edge of the kept box
+    assert (picture[:, 90:] == 128).all()  # the box under the threshold is not drawn
+    assert (np.asarray(draw_detections(image, boxes, [1, 2], [0.1, 0.2], names)) == image).all()
+    assert len({class_colour(label) for label in range(91)}) == 91
+
+
+def test_overlay_mask_blends_and_keeps_ignored_pixels():
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+    mask = np.full((4, 6), 255, dtype=np.uint8)
+    mask[:2] = 13  # car
+    picture = np.asarray(overlay_mask(image, mask, PALETTE, alpha=1.0))
+    assert (picture[:2] == PALETTE[13]).all() and (picture[2:] == 0).all()
+    half = np.asarray(overlay_mask(image + 100, mask, PALETTE))
+    assert (half[0, 0] == np.round(50 + 0.5 * PALETTE[13])).all()
+    with pytest.raises(ValueError, match="does not match"):
+        overlay_mask(image, mask[:3], PALETTE)
