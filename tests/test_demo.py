@@ -1,10 +1,15 @@
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mbbackbones
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_demo_prints_every_model():
+
+def test_model_table_prints_every_model():
     result = subprocess.run([sys.executable, "-m", "mbbackbones", "--output-stride", "16"], capture_output=True,
                             text=True, check=True)
     lines = result.stdout.splitlines()
@@ -13,3 +18,20 @@ def test_demo_prints_every_model():
         assert any(line.startswith(f"| {name} |") for line in lines)
     assert "| mbv3_large | 5,483,032 | 216.6M | 16, 24, 40, 112, 960 | 64, 72, 240, 672, 960 | 2, 4, 8, 16, 16 |" in (
         result.stdout)
+
+
+def test_readme_demo_trains_and_prints_the_coco_table(tmp_path):
+    """The README's demo (SSDLite on the built-in dataset), cut short: it trains, evaluates, plots, saves."""
+    readme = (ROOT / "README.md").read_text()
+    config = "configs/ssdlite320_mbv3_large_reduced_builtin.yaml"
+    assert f"tools/train_det.py --config {config}" in readme
+    env = {**os.environ, "MBBACKBONES_DATA": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, "tools/train_det.py", "--config", config, "--max_steps", "12",
+                             "--eval_limit", "8", "--output", str(tmp_path / "run")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in result.stdout
+    assert "done: 12 steps" in result.stdout
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("last.pt", "plot.png", "detections.json"))
