@@ -160,7 +160,7 @@ class SSDLite(nn.Module):
         candidates keeps exactly the first survivors of NMS over all of them: grow ``n`` until
         enough survive instead of suppressing among tens of thousands of low-score boxes.
         """
-        count = 4 * self.detections_per_img
+        count = 3 * self.detections_per_img  # <= 1000 boxes: batched_nms's single-call path on CPU
         while True:
             best = scores.topk(min(count, scores.numel())).indices
             kept = batched_nms(boxes[best], scores[best], labels[best], self.nms_thresh)

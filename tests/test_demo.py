@@ -35,3 +35,13 @@ def test_readme_demo_trains_and_prints_the_coco_table(tmp_path):
               if "loss" in r]
     assert losses[-1] < losses[0]
     assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("last.pt", "plot.png", "detections.json"))
+
+
+def test_segmentation_demo_config_trains_briefly(tmp_path):
+    env = {**os.environ, "MBBACKBONES_DATA": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, "tools/train_seg.py", "--config", "configs/lraspp_mbv3_large_builtin.yaml",
+                             "--max_steps", "6", "--eval_limit", "2", "--bn_recalibrate", "2",
+                             "--output", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            check=True)
+    assert "mIoU" in result.stdout and "done: 6 steps" in result.stdout
+    assert (tmp_path / "run" / "confusion.png").stat().st_size > 0
