@@ -1,4 +1,4 @@
-"""The evaluation and inference tools (``tools/eval_det.py``, ``tools/eval_seg.py``, ``tools/infer.py``).
+"""The evaluation, inference and export tools (``tools/eval_det.py``, ``eval_seg.py``, ``infer.py``, ``export.py``).
 
 Each ``*_main(argv)`` parses its arguments and runs; errors in the inputs (missing files, unknown models,
 unreadable data) end it with one line on stderr and exit code 2.
@@ -10,14 +10,18 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
-from . import segment
+from . import export, segment
+from .backbone import create_backbone
 from .cityscapes import PALETTE, Cityscapes, builtin_cityscapes
 from .coco import LABEL_MODES, CocoDetection, builtin_coco
 from .coco_eval import BACKENDS, load_results, save_results, to_coco_results
 from .coco_eval import evaluate as evaluate_detections
 from .data import read_image
+from .predictors import BACKENDS as INFER_BACKENDS
 from .predictors import Timings, find_weights, load_model, make_predictor, resolve_device
 from .seg_eval import evaluate_folder, plot_confusion
 from .tasks import predict_detections
@@ -88,6 +92,9 @@ def _eval_det(args):
         results = to_coco_results(detections, image_ids, dataset.label_to_category)
         if args.out:
             save_results(results, args.out / "detections.json")
+    if not dataset.coco.anns:  # test-dev: nothing to score here; the results file is the submission
+        print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server")
+        return None
     metrics = evaluate_detections(dataset.coco, results, backend=args.backend, image_ids=image_ids)
     print(metrics.summary, metrics.per_class_table(), sep="\n\n")
     _write_json(args.json, metrics.to_json())
@@ -154,6 +161,10 @@ def infer_main(argv: list[str] | None = None) -> list[Timings]:
     parser.add_argument("input", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="folder for <image stem>.png pictures")
     parser.add_argument("--score-thresh", type=float, default=0.3, help="detection: draw boxes scoring this or more")
+    parser.add_argument("--backend", choices=INFER_BACKENDS, default="pytorch",
+                        help="onnxruntime: the exported graph on ONNX Runtime (CPU); pre/post-processing as pytorch")
+    parser.add_argument("--onnx", type=Path, help="with --backend onnxruntime: this file from tools/export.py "
+                                                  "(default: export the model now)")
     return _run(parser, argv, _infer)
 
 
@@ -162,7 +173,7 @@ def _infer(args) -> list[Timings]:
     loaded = load_model(args.weights, args.model, device=args.device)
     if args.task and args.task != loaded.task:
         raise ValueError(f"--task {args.task} but {loaded.name} is a {loaded.task} model")
-    predictor = make_predictor(loaded)
+    predictor = make_predictor(loaded, args.backend, args.onnx)
     args.out.mkdir(parents=True, exist_ok=True)
     timings = []
     for path in tqdm(images, desc="infer", disable=len(images) == 1):
@@ -177,3 +188,45 @@ def _infer(args) -> list[Timings]:
         timings.append(timing)
     print(f"mean over {len(timings)} images: {Timings.mean(timings)}")
     return timings
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+
+def export_main(argv: list[str] | None = None) -> list[Path]:
+    """Export to ONNX (and INT8 with --int8), print the largest difference to PyTorch; returns the files written."""
+    parser, source = _parser("Export a detector, segmenter or features_only backbone to ONNX (BatchNorm folded, "
+                             "dynamic batch), check it with ONNX Runtime, optionally quantize it to INT8.")
+    source.add_argument("--backbone", help="a registered backbone to export as a features_only network")
+    parser.add_argument("--backbone-weights", help="with --backbone: a local weights file")
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file (INT8: <stem>.int8.onnx beside it)")
+    parser.add_argument("--size", type=int, nargs="+", metavar="PX",
+                        help="export size, S or H W (default: detection its own, segmentation 512 1024, backbone 224)")
+    parser.add_argument("--opset", type=int, default=export.OPSET)
+    parser.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model")
+    parser.add_argument("--calibration", default="builtin",
+                        help="'builtin' (the task's built-in training images) or a folder of images; "
+                             "INT8 calibration and the check against PyTorch")
+    parser.add_argument("--calibration-images", type=int, default=32, help="how many calibration images")
+    return _run(parser, argv, _export)
+
+
+def _export(args) -> list[Path]:
+    if args.size is not None and len(args.size) > 2:
+        raise ValueError(f"--size takes S or H W, got {len(args.size)} numbers")
+    device = resolve_device(args.device)
+    if args.backbone:
+        model = create_backbone(args.backbone, args.backbone_weights).eval().to(device)
+    else:
+        model = load_model(args.weights, args.model, device=device).model
+    size = export.export_size(model, None if args.size is None else (args.size * 2)[:2])  # S -> S S
+    paths = export.builtin_images(export.model_kind(model)) if args.calibration == "builtin" else list_images(
+        Path(args.calibration))
+    batches = [export.model_input(model, read_image(path), size) for path in paths[:args.calibration_images]]
+    written = [export.export_onnx(model, args.out, size, opset=args.opset)]
+    if args.int8:
+        written.append(export.quantize_int8(written[0], args.out.with_suffix(".int8.onnx"), batches))
+    check = torch.from_numpy(np.concatenate(batches[:2]))  # two images: the batch axis is dynamic
+    for path in written:
+        differences = export.compare_outputs(model, export.OnnxModel(path), check)
+        print(f"{path}: max |ONNX Runtime - PyTorch| " + ", ".join(f"{k} {v:.2g}" for k, v in differences.items()))
+    return written

@@ -22,11 +22,13 @@ _logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("contiguous", "coco91")
 REQUIRED_KEYS = ("images", "annotations", "categories")
+UNLABELLED_SPLITS = {"test-dev2017": "test2017", "test2017": "test2017"}  # split -> image folder; image_info_*.json
 MIN_BOX_SIZE = 1.0  # pixels; training drops boxes this wide or high, or less
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """COCO instances: ``root/<split>/*.jpg`` with ``root/annotations/instances_<split>.json``.
+    """COCO instances: ``root/<split>/*.jpg`` with ``root/annotations/instances_<split>.json``; the
+    test splits (``test-dev2017``, ``test2017``) read ``test2017/`` and ``image_info_<split>.json``.
 
     Items are ``(image, target)``: a float32 ``3 x H x W`` tensor in [0, 1] and ``{"boxes": float32 [N, 4]
     xyxy pixels, "labels": int64 [N], "image_id": int}``. Every image of the split is listed, those
@@ -46,9 +48,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         self.root = Path(root).expanduser()
-        self.image_dir = self.root / split
-        self.annotation_file = self.root / "annotations" / f"instances_{split}.json"
-        self.coco = load_coco(self.annotation_file, self.image_dir)
+        unlabelled = split in UNLABELLED_SPLITS
+        self.image_dir = self.root / UNLABELLED_SPLITS.get(split, split)
+        self.annotation_file = self.root / "annotations" / f"{'image_info' if unlabelled else 'instances'}_{split}.json"
+        self.coco = load_coco(self.annotation_file, self.image_dir, annotated=not unlabelled)
         self.transform = transform
         self.train = train
         self.skip_corrupt = skip_corrupt
@@ -116,8 +119,9 @@ class CocoDetection(torch.utils.data.Dataset):
         return boxes, labels
 
 
-def load_coco(annotation_file: Path, image_dir: Path) -> COCO:
-    """A pycocotools ``COCO`` index of a validated instances file, built without its progress prints."""
+def load_coco(annotation_file: Path, image_dir: Path, annotated: bool = True) -> COCO:
+    """A pycocotools ``COCO`` index of a validated instances file (or, with ``annotated=False``, an
+    ``image_info`` file without annotations), built without its progress prints."""
     layout = "expected <root>/<split>/*.jpg and <root>/annotations/instances_<split>.json"
     for path in (image_dir.parent, image_dir, annotation_file):
         if not path.exists():
@@ -127,6 +131,8 @@ def load_coco(annotation_file: Path, image_dir: Path) -> COCO:
     except json.JSONDecodeError as error:
         raise DataError(f"{annotation_file}: invalid JSON at line {error.lineno} column {error.colno}: "
                         f"{error.msg}") from None
+    if not annotated and isinstance(dataset, dict):
+        dataset.setdefault("annotations", [])
     _check_instances(dataset, annotation_file)
     coco = COCO()
     coco.dataset = dataset

@@ -81,6 +81,19 @@ def test_eval_det_writes_results_that_rescore_the_same(det_run, tmp_path, capsys
     assert faster.stats == pytest.approx(metrics.stats, abs=1e-9)
 
 
+def test_eval_det_on_test_dev_writes_a_submission(det_run, tmp_path, capsys):
+    """COCO's test-dev ships images and image_info_test-dev2017.json without annotations."""
+    val = CocoDetection(builtin_coco(), "val2017")
+    shutil.copytree(val.image_dir, tmp_path / "test2017")
+    (tmp_path / "annotations").mkdir()
+    info = {key: val.coco.dataset[key] for key in ("info", "images", "categories")}
+    (tmp_path / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(info))
+    assert eval_det_main(["--weights", str(det_run), "--data-root", str(tmp_path), "--split", "test-dev2017",
+                          "--limit", "2", "--out", str(tmp_path / "out")]) is None
+    assert "has no annotations: wrote" in capsys.readouterr().out
+    assert {r["image_id"] for r in load_results(tmp_path / "out" / "detections.json")} <= set(val.image_ids[:2])
+
+
 def test_eval_seg_writes_predictions_that_rescore_the_same(seg_run, tmp_path, capsys):
     out = tmp_path / "eval"
     metrics = eval_seg_main(["--weights", str(seg_run), "--builtin", "--limit", "2", "--out", str(out),
