@@ -199,6 +199,10 @@ class Trainer:
                 raise ValueError(f"{path} was trained without EMA; resume with ema: false")
             self.ema.module.load_state_dict(state["model_ema"])
         self.step, self.metrics = state["step"], state["metrics"]
+        log = self.output / "log.jsonl"
+        if self.env.main and log.is_file():  # forget what the interrupted run logged after its checkpoint
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept))
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -304,15 +308,13 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
 
 def plot_log(log: Path, path: Path, metric: str) -> None:
     """Loss per step and the main evaluation metric per epoch, from ``log.jsonl``, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r and metric in r["eval"]]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
     left.plot([r["step"] for r in train], [r["loss"] for r in train])
     left.set(xlabel="step", ylabel="training loss", yscale="log")
     right.plot([r["step"] for r in evals], [r["eval"][metric] for r in evals], marker="o")
@@ -320,7 +322,6 @@ def plot_log(log: Path, path: Path, metric: str) -> None:
     figure.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     figure.savefig(tmp, dpi=100)
-    plt.close(figure)
     os.replace(tmp, path)
 
 
