@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import export, segment
+from . import segment
 from .backbone import create_backbone
 from .cityscapes import PALETTE, Cityscapes, builtin_cityscapes
 from .coco import LABEL_MODES, CocoDetection, builtin_coco
@@ -194,6 +194,8 @@ def _infer(args) -> list[Timings]:
 
 def export_main(argv: list[str] | None = None) -> list[Path]:
     """Export to ONNX (and INT8 with --int8), print the largest difference to PyTorch; returns the files written."""
+    from . import export  # onnx and onnxruntime are needed for this tool only
+
     parser, source = _parser("Export a detector, segmenter or features_only backbone to ONNX (BatchNorm folded, "
                              "dynamic batch), check it with ONNX Runtime, optionally quantize it to INT8.")
     source.add_argument("--backbone", help="a registered backbone to export as a features_only network")
@@ -201,7 +203,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file (INT8: <stem>.int8.onnx beside it)")
     parser.add_argument("--size", type=int, nargs="+", metavar="PX",
                         help="export size, S or H W (default: detection its own, segmentation 512 1024, backbone 224)")
-    parser.add_argument("--opset", type=int, default=export.OPSET)
+    parser.add_argument("--opset", type=int, default=export.OPSET, help=f"ONNX opset ({export.OPSET} or newer)")
     parser.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model")
     parser.add_argument("--calibration", default="builtin",
                         help="'builtin' (the task's built-in training images) or a folder of images; "
@@ -211,8 +213,12 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _export(args) -> list[Path]:
+    from . import export
+
     if args.size is not None and len(args.size) > 2:
         raise ValueError(f"--size takes S or H W, got {len(args.size)} numbers")
+    if args.calibration_images < 1:
+        raise ValueError(f"--calibration-images {args.calibration_images}: at least one image is needed")
     device = resolve_device(args.device)
     if args.backbone:
         model = create_backbone(args.backbone, args.backbone_weights).eval().to(device)

@@ -1,15 +1,16 @@
 """Trained models for inference: loading a run or a weights file, and timed per-image predictors.
 
 A predictor maps one RGB uint8 H x W x 3 image to its output (detections or a train-id mask) and the time
-spent in each step. ``preprocess`` -> ``run`` -> ``postprocess``: another backend (ONNX Runtime) replaces
-``run`` (the exported graph: ``SSDLite.forward_batch`` or the segmenter's forward) and keeps the rest.
+spent in each step. ``preprocess`` -> ``run`` -> ``postprocess``: the ONNX Runtime backend replaces ``run``
+(the exported graph: ``SSDLite.forward_batch`` or the segmenter's forward) and keeps the rest.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,11 @@ from .cityscapes import CLASS_NAMES
 from .config import TrainConfig, load_config
 from .engine import CHECKPOINT
 
+if TYPE_CHECKING:
+    from .export import OnnxModel
+
 RUN_CONFIG = "config.yaml"  # written by the training engine next to its checkpoint
+BACKENDS = ("pytorch", "onnxruntime")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -179,9 +184,47 @@ class SegmentationPredictor(Predictor):
         return probabilities[0].argmax(0).to(torch.uint8).cpu().numpy()
 
 
+class OnnxPredictor(Predictor):
+    """The ONNX Runtime backend: ``run`` calls the exported graph; the PyTorch model still pre- and post-processes
+    (resize and ``select`` for detection, flips, scales and windows for segmentation)."""
+
+    def __init__(self, model: nn.Module, class_names: list[str], onnx_model: OnnxModel, **options):
+        super().__init__(model, class_names, **options)
+        self.onnx_model = onnx_model
+
+
+class OnnxDetectionPredictor(OnnxPredictor, DetectionPredictor):
+    def run(self, batch: torch.Tensor):
+        return self.onnx_model(batch)
+
+
+class OnnxSegmentationPredictor(OnnxPredictor, SegmentationPredictor):
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        return segment.predict(self.onnx_model, batch, **self.inference)
+
+
 PREDICTORS = {predictor.task: predictor for predictor in (DetectionPredictor, SegmentationPredictor)}
+ONNX_PREDICTORS = {predictor.task: predictor for predictor in (OnnxDetectionPredictor, OnnxSegmentationPredictor)}
 
 
-def make_predictor(loaded: LoadedModel, **options) -> Predictor:
-    """The PyTorch predictor for the loaded model's task; ``options`` go to its constructor."""
-    return PREDICTORS[loaded.task](loaded.model, loaded.class_names, **options)
+def make_predictor(loaded: LoadedModel, backend: str = "pytorch", onnx: str | Path | None = None,
+                   threads: int | None = None, **options) -> Predictor:
+    """The predictor for the loaded model's task; ``options`` go to its constructor.
+
+    With ``backend="onnxruntime"``, ``run`` uses the ONNX file ``onnx`` (exported from this model, e.g. by
+    ``tools/export.py``), or an export made now, in an ONNX Runtime session with ``threads`` intra-op threads.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    if backend == "pytorch":
+        if onnx is not None:
+            raise ValueError(f"an ONNX file ({onnx}) needs backend='onnxruntime'")
+        return PREDICTORS[loaded.task](loaded.model, loaded.class_names, **options)
+    from .export import OnnxModel, export_onnx  # onnx and onnxruntime are needed for this backend only
+
+    if onnx is None:
+        with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
+            onnx_model = OnnxModel(export_onnx(loaded, Path(folder) / "model.onnx"), threads)
+    else:
+        onnx_model = OnnxModel(onnx, threads)
+    return ONNX_PREDICTORS[loaded.task](loaded.model, loaded.class_names, onnx_model, **options)
