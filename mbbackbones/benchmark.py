@@ -1,17 +1,25 @@
-"""Side-by-side latency of our backbones and their torchvision / timm counterparts, in one run."""
+"""Side-by-side latency of our models and their torchvision / timm counterparts, timed in alternation in one run.
+
+A :class:`Workload` is one piece of work (same input, same result) done by a reference and by one or
+more variants of ours; :func:`measure` times all of them in alternation, so load from other processes
+hits each alike and the ratios stay meaningful on a shared machine.
+"""
 from __future__ import annotations
 
+import copy
+import os
 import platform
 import statistics
 import time
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import timm
 import torch
 import torchvision
 from torch import nn
 
-from . import MODELS
+from . import ENTRIES, MODELS
 from .profile import count_madds, count_params
 
 # our name -> the reference build of the same architecture (equal params, checked by tests)
@@ -36,61 +44,199 @@ FEATURE_ROWS = {
     "mbv3_large": ("timm mobilenetv3_large_100 features_only",
                    lambda: timm.create_model("mobilenetv3_large_100", features_only=True)),
 }
+EAGER_TARGET = 1.0  # PyTorch eager: ours at most as slow as the reference
 
 
-def _time_ms(model: nn.Module, image: torch.Tensor) -> float:
+class Published(NamedTuple):
+    """Numbers published for the same configuration (a paper table or the reference's metadata)."""
+
+    source: str
+    params: float | None
+    madds_m: float | None
+    metric: float | None
+
+
+class Contender(NamedTuple):
+    """One variant of ours on a workload: a call doing the work, the model's size and the speed target."""
+
+    model: str
+    call: Callable[[], object]
+    params: int
+    madds_m: float | None  # per image
+    variant: str = "eager"
+    target: float | None = None  # the ratio to the reference to stay under
+
+
+class Workload(NamedTuple):
+    """The same work done by a reference and each contender, timed in alternation."""
+
+    task: str
+    input: str
+    batch: int
+    reference: str
+    reference_call: Callable[[], object]
+    contenders: tuple[Contender, ...]
+    published: Published | None = None
+    training: bool = False  # otherwise timed under inference mode
+    warmup: int = 5
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    model.compile()  # compiles on the first call, i.e. during the warm-up
+    return model
+
+
+# our optional variants: name -> what turns a copy of the model into it
+VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "channels_last": lambda model: model.to(memory_format=torch.channels_last),
+    "compiled": _compiled,
+}
+
+
+def model_variants(model: nn.Module, extra: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """``{"eager": model}`` and a copy of it made into each ``extra`` variant (see :data:`VARIANTS`)."""
+    return {"eager": model, **{name: VARIANTS[name](copy.deepcopy(model)) for name in extra}}
+
+
+def contenders(name: str, model: nn.Module, inputs, extra: Iterable[str] = (),
+               target: float | None = EAGER_TARGET) -> tuple[Contender, ...]:
+    """``model(inputs)`` in eval mode for each of :func:`model_variants` (the target binds eager only).
+
+    MAdds are counted on ``inputs[:1]`` (one image).
+    """
+    model = model.eval()
+    size = dict(params=count_params(model), madds_m=round(count_madds(model, inputs[:1]) / 1e6, 1))
+    return tuple(Contender(name, partial(variant, inputs), variant=label, target=target if label == "eager" else None,
+                           **size) for label, variant in model_variants(model, extra).items())
+
+
+def paper_numbers(name: str) -> Published | None:
+    """The first paper reference of a registered backbone."""
+    for reference in ENTRIES[name].references:
+        if "paper" in reference.source:
+            return Published(reference.source, reference.params, reference.madds_m, reference.top1)
+    return None
+
+
+def backbone_workloads(names: Iterable[str] | None = None, batches=(1, 8), size: int = 224,
+                       extra: Iterable[str] = (), warmup: int = 5,
+                       tasks=("classify", "features")) -> Iterator[Workload]:
+    """Classification rows for ``names`` (default: all with a counterpart), then the feature rows."""
+    names = list(names or [entry.name for entry in MODELS if entry.name in COUNTERPARTS])
+    for batch in batches:
+        image = torch.randn(batch, 3, size, size)
+        common = dict(input=f"{size}x{size}", batch=batch, warmup=warmup)
+        for name in names if "classify" in tasks else ():
+            reference_name, build = COUNTERPARTS[name]
+            yield Workload("classify", reference=reference_name, reference_call=partial(build().eval(), image),
+                           contenders=contenders(name, timm.create_model(name), image, extra),
+                           published=paper_numbers(name), **common)
+        for name, (reference_name, build) in FEATURE_ROWS.items():
+            if name in names and "features" in tasks:
+                ours = timm.create_model(name, features_only=True)
+                yield Workload("features", reference=reference_name, reference_call=partial(build().eval(), image),
+                               contenders=contenders(name, ours, image, extra), **common)
+
+
+def _time_ms(call: Callable[[], object]) -> float:
     start = time.perf_counter()
-    model(image)
+    call()
     return (time.perf_counter() - start) * 1e3
 
 
-@torch.inference_mode()
-def latencies_ms(models: list[nn.Module], image: torch.Tensor, repeats: int, warmup: int = 5) -> list[tuple]:
-    """(median, min) ms of one forward for each model, timed in alternation so drift hits all alike."""
+def latencies_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 5,
+                 budget_s: float = float("inf")) -> list[tuple[float, float]]:
+    """(median, min) ms of each call, timed in alternation so drift hits all alike.
+
+    Stops after ``budget_s`` seconds of timed rounds once three rounds are done.
+    """
     for _ in range(warmup):
-        for model in models:
-            model(image)
-    times = [[_time_ms(model, image) for model in models] for _ in range(repeats)]
+        for call in calls:
+            call()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        times.append([_time_ms(call) for call in calls])
     return [(statistics.median(column), min(column)) for column in zip(*times)]
 
 
-def compare(name: str, ours: nn.Module, reference_name: str, reference: nn.Module, image: torch.Tensor,
-            repeats: int) -> dict:
-    """One row: sizes of ours, and both latencies on the same input."""
-    ours, reference = ours.eval(), reference.eval()
-    mine, theirs = latencies_ms([ours, reference], image, repeats)
-    return dict(model=name, reference=reference_name, batch=image.shape[0], size=image.shape[-1],
-                params=count_params(ours), madds_m=round(count_madds(ours, image[:1]) / 1e6, 1),
-                ms_median=round(mine[0], 2), ms_min=round(mine[1], 2), reference_ms_median=round(theirs[0], 2),
-                reference_ms_min=round(theirs[1], 2), ratio=round(mine[0] / theirs[0], 3))
-
-
-def run(names=None, batches=(1, 8), size: int = 224, repeats: int = 20) -> dict:
-    """Classification rows for ``names`` (default: all with a counterpart) and the feature rows."""
-    names = names or [entry.name for entry in MODELS if entry.name in COUNTERPARTS]
+def measure(workload: Workload, repeats: int, budget_s: float = float("inf")) -> list[dict]:
+    """One row per contender: its size, its latency and the reference's, and their ratio."""
+    calls = [workload.reference_call, *(c.call for c in workload.contenders)]
+    with torch.inference_mode(not workload.training):
+        (reference_median, reference_min), *ours = latencies_ms(calls, repeats, workload.warmup, budget_s)
     rows = []
-    for batch in batches:
-        image = torch.randn(batch, 3, size, size)
-        for name in names:
-            reference_name, build = COUNTERPARTS[name]
-            ours = timm.create_model(name)
-            rows.append(dict(task="classify", **compare(name, ours, reference_name, build(), image, repeats)))
-        for name, (reference_name, build) in FEATURE_ROWS.items():
-            if name in names:
-                ours = timm.create_model(name, features_only=True)
-                rows.append(dict(task="features", **compare(name, ours, reference_name, build(), image, repeats)))
-    machine = dict(threads=torch.get_num_threads(), torch=torch.__version__, cpu=platform.processor() or
-                   platform.machine(), date=time.strftime("%Y-%m-%d"))
-    return dict(machine=machine, rows=rows)
+    for contender, (median, low) in zip(workload.contenders, ours):
+        row = dict(task=workload.task, model=contender.model, variant=contender.variant, input=workload.input,
+                   batch=workload.batch, params=contender.params, madds_m=contender.madds_m,
+                   published=workload.published._asdict() if workload.published else None,
+                   ms_median=round(median, 2), ms_min=round(low, 2), reference=workload.reference,
+                   reference_ms_median=round(reference_median, 2), reference_ms_min=round(reference_min, 2),
+                   ratio=round(median / reference_median, 3), ratio_min=round(low / reference_min, 3),
+                   target=contender.target)
+        if workload.training:
+            row.update(images_per_s=round(workload.batch * 1e3 / median, 2),
+                       reference_images_per_s=round(workload.batch * 1e3 / reference_median, 2))
+        rows.append(row)
+    return rows
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return dict(threads=torch.get_num_threads(), torch=torch.__version__, cpu=cpu_name(),
+                load_average=os.getloadavg()[0], date=time.strftime("%Y-%m-%d"))
+
+
+def run(workloads: Iterable[Workload], repeats: int = 20, budget_s: float = float("inf")) -> dict:
+    """Time each workload as it is built (one set of models in memory at a time)."""
+    info = machine()  # the load average before we add to it
+    return dict(machine=info, rows=[row for workload in workloads for row in measure(workload, repeats, budget_s)])
+
+
+def _number(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value / 1e6:.2f}M" if unit == "params" else f"{value:g}{unit}"
+
+
+def _ratio(row: dict) -> str:
+    text = f"{row['ratio']}x / {row['ratio_min']}x"
+    if row["target"] is not None:
+        text += f" ({'meets' if row['ratio'] <= row['target'] else 'misses'} ≤ {row['target']}x)"
+    return text
 
 
 def markdown(result: dict) -> str:
-    machine = result["machine"]
-    lines = [f"{machine['date']}, {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}", "",
-             "| task | model | batch | params | MAdds | ms (median / min) | reference "
-             "| ref ms (median / min) | ratio |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    lines += [f"| {r['task']} | {r['model']} | {r['batch']} | {r['params']:,} | {r['madds_m']}M | "
-              f"{r['ms_median']} / {r['ms_min']} | {r['reference']} | {r['reference_ms_median']} / "
-              f"{r['reference_ms_min']} | {r['ratio']}x |" for r in result["rows"]]
+    """One table per task; published numbers cite their sources below the table."""
+    info = result["machine"]
+    lines = [f"{info['date']}, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+             f"load average {info['load_average']:.2f} at start"]
+    for task in dict.fromkeys(row["task"] for row in result["rows"]):
+        rows = [row for row in result["rows"] if row["task"] == task]
+        sources = list(dict.fromkeys(row["published"]["source"] for row in rows if row["published"]))
+        training = "images_per_s" in rows[0]
+        header = ["model", "variant", "input", "batch", "params", "MAdds", "published params / MAdds (metric)",
+                  "ms (median / min)", "reference", "ref ms (median / min)", "ratio (median / min)"]
+        header += ["img/s (ours / ref)"] if training else []
+        lines += ["", f"### {task}", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join("---" if h in ("model", "variant", "input", "reference") else "---:" for h in header)
+                  + "|"]
+        for row in rows:
+            published = row["published"]
+            cited = (f"{_number(published['params'], 'params')} / {_number(published['madds_m'], 'M')} "
+                     f"({_number(published['metric'])}) [{sources.index(published['source']) + 1}]"
+                     ) if published else "—"
+            cells = [row["model"], row["variant"], row["input"], row["batch"], f"{row['params']:,}",
+                     _number(row["madds_m"], "M"), cited, f"{row['ms_median']} / {row['ms_min']}", row["reference"],
+                     f"{row['reference_ms_median']} / {row['reference_ms_min']}", _ratio(row)]
+            cells += [f"{row['images_per_s']} / {row['reference_images_per_s']}"] if training else []
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines += [""] * bool(sources) + [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
     return "\n".join(lines)

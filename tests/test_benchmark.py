@@ -1,3 +1,4 @@
+"""The benchmark compares equal work (same architecture, same outputs) and its quick mode runs."""
 import json
 import subprocess
 import sys
@@ -5,11 +6,16 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
+from conftest import REAL
 
+from heads.benchmark import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
+from heads.data import read_image
 from mbbackbones.benchmark import COUNTERPARTS, FEATURE_ROWS
 from mbbackbones.profile import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = [read_image(REAL / name) for name in ("3dogs.jpg", "color.jpg")]
 
 
 @pytest.mark.parametrize("name", sorted(COUNTERPARTS))
@@ -23,12 +29,65 @@ def test_feature_rows_compare_equal_extractors(name):
     assert count_params(ours) == count_params(FEATURE_ROWS[name][1]())
 
 
+def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4) -> bool:
+    """The same set of detections, but for near-ties at the 300-detection cut-off (float noise decides those)."""
+    cutoff = expected["scores"][-1] + tolerance
+    rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
+    distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
+    return bool(distance.min(1).values[actual["scores"] > cutoff].max() <= tolerance and
+                distance.min(0).values[expected["scores"] > cutoff].max() <= tolerance)
+
+
+@torch.inference_mode()
+def test_detection_rows_give_torchvisions_detections():
+    workloads = list(detection_workloads(PHOTOS, batches=(2,), size=QUICK.detect_size, background_logits=(0.0, 9.0),
+                                         extra=("channels_last",)))
+    loads = [int(w.input.split(", ")[1].split()[0].replace(",", "")) for w in workloads]
+    assert loads[0] > 0.9 * 3234 * 90 and loads[1] < 0.1 * loads[0]  # a random head vs a confident background
+    for workload in workloads:
+        expected = workload.reference_call()
+        assert len(expected) == 2 and all(len(e["boxes"]) == 300 for e in expected)
+        assert len(torch.unique(expected[0]["scores"])) > 100  # no ties from a collapsed network
+        for contender in workload.contenders:
+            assert all(same_detections(e, a) for e, a in zip(expected, contender.call()))
+
+
+@torch.inference_mode()
+def test_segmentation_rows_give_torchvisions_logits():
+    for workload in segmentation_workloads(QUICK.segment_shapes, extra=("channels_last",)):
+        expected = workload.reference_call()
+        assert expected.shape == (1, 19, *QUICK.segment_shapes[0][0])
+        for contender in workload.contenders:
+            torch.testing.assert_close(contender.call(), expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_deployment_rows_do_the_same_work():
+    classify, detect, segment = deployment_workloads(PHOTOS, QUICK.classify_size, QUICK.detect_size,
+                                                     QUICK.background_logits, QUICK.deploy_segment, warmup=0)
+    assert [c.variant for c in detect.contenders] == ["ORT fp32", "ORT int8"]
+    assert classify.contenders[0].call().shape == classify.reference_call().shape == (1, 1000)
+    expected = detect.reference_call()
+    fp32, int8 = (contender.call() for contender in detect.contenders)
+    assert same_detections(expected[0], fp32[0]) and len(int8[0]["boxes"]) == 300
+    expected = segment.reference_call()
+    fp32, int8 = (contender.call() for contender in segment.contenders)
+    torch.testing.assert_close(fp32, expected, rtol=1e-3, atol=1e-3)
+    assert int8.shape == expected.shape
+
+
 def test_quick_benchmark_runs(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--json", str(out)],
-                            capture_output=True, text=True, check=True)
-    assert "| classify | mbv3_small | 1 |" in result.stdout
+    # one thread: two OpenMP threads on a CPU shared with other jobs can run 100x slower
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--threads", "1",
+                             "--channels-last", "--json", str(out)], capture_output=True, text=True, check=True)
+    assert "### detect" in result.stdout and "| mbv3_small | eager | 96x96 | 1 |" in result.stdout
     rows = json.loads(out.read_text())["rows"]
-    expected = {("classify", "mbv3_large_reduced"), ("features", "mbv3_large_reduced"), ("classify", "mbv3_small")}
+    expected = {("classify", "mbv3_large_reduced"), ("features", "mbv3_large_reduced"), ("classify", "mbv3_small"),
+                ("detect", "ssdlite320_mbv3_large_reduced"), ("segment", "lraspp_mbv3_large"),
+                ("train", "ssdlite320_mbv3_large_reduced"), ("train", "lraspp_mbv3_large"), ("deploy", "mbv3_large"),
+                ("deploy", "ssdlite320_mbv3_large_reduced"), ("deploy", "lraspp_mbv3_large")}
     assert {(r["task"], r["model"]) for r in rows} == expected
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "ORT fp32", "ORT int8"}
     assert all(r["ms_median"] > 0 and r["reference_ms_median"] > 0 for r in rows)
+    assert all(r["images_per_s"] > 0 for r in rows if r["task"] == "train")

@@ -1,31 +1,43 @@
-"""Benchmark our backbones against torchvision / timm in one run: markdown to stdout, JSON to --json."""
+"""Benchmark our models against torchvision / timm in one run: a markdown table per task, JSON to --json."""
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
+from heads.benchmark import FULL, QUICK, TASKS, workloads
+from heads.data import read_image
 from mbbackbones.benchmark import COUNTERPARTS, markdown, run
+
+# real photos: inputs of the SSDLite rows, their BatchNorm calibration, INT8 calibration
+IMAGES = [Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / name for name in ("3dogs.jpg", "color.jpg")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="*", choices=sorted(COUNTERPARTS), help="default: all")
-    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--models", nargs="+", choices=sorted(COUNTERPARTS), help="classify rows (default: all)")
+    parser.add_argument("--batches", nargs="+", type=int, help=f"classify, features, detect (default: {FULL.batches})")
+    parser.add_argument("--repeats", type=int, help=f"timed rounds (default: {FULL.repeats})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="two models, batch 1, 3 repeats, 96 px (smoke test)")
+    parser.add_argument("--channels-last", action="store_true", help="also time channels-last copies of ours")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies of ours (slow start)")
+    parser.add_argument("--images", nargs="+", default=IMAGES, help="photos for the SSDLite rows")
+    parser.add_argument("--quick", action="store_true", help="few rows, tiny sizes, 3 repeats (smoke test)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.models, args.batches, args.repeats, args.size = ["mbv3_large_reduced", "mbv3_small"], [1], 3, 96
-    result = run(args.models, tuple(args.batches), args.size, args.repeats)
+    settings = QUICK if args.quick else FULL
+    overrides = dict(classify_models=args.models and tuple(args.models), batches=args.batches and tuple(args.batches),
+                     repeats=args.repeats)
+    settings = settings._replace(**{key: value for key, value in overrides.items() if value})
+    images = [read_image(path) for path in args.images]
+    extra = [name for name, wanted in (("channels_last", args.channels_last), ("compiled", args.compile)) if wanted]
+    result = run(workloads(args.tasks, settings, images, extra), settings.repeats, settings.budget_s)
     print(markdown(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
