@@ -138,3 +138,12 @@ def test_tool_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--dataset", "coco", "--output", str(tmp_path)])
     assert "needs data_root" in capsys.readouterr().err
+
+
+def test_amp_ema_and_gradient_clipping_train(tmp_path, data_root):
+    """bfloat16 autocast on CPU (float16 + GradScaler on CUDA) with EMA and clipping: finite losses, a checkpoint."""
+    trainer = Trainer(make_config(tiny(tmp_path, data_root, amp=True, ema=True, grad_clip=1.0, max_steps=2)),
+                      get_task("detection"))
+    trainer.fit()
+    assert all(map(torch.isfinite, torch.tensor(losses(tmp_path))))
+    assert set(torch.load(tmp_path / "last.pt", weights_only=True)) >= {"model", "model_ema", "scaler", "class_names"}
