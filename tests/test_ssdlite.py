@@ -5,10 +5,10 @@ import torch
 from conftest import REAL
 from PIL import Image
 from torchvision.models import mobilenet_v3_large
-from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.ops import batched_nms
 
 import heads
+from heads.benchmark import calibrated_torchvision_detector
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.profile import count_madds, count_params
 
@@ -29,28 +29,11 @@ def real_images():
             for name in ("3dogs.jpg", "color.jpg")]
 
 
-def calibrated_torchvision(images) -> torch.nn.Module:
-    """A random torchvision SSDLite whose BN statistics come from real images (a random network with
-    unit statistics collapses to constant features, and its detections are all ties)."""
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in norms:
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        batch = torch.stack([torch.nn.functional.interpolate(i[None], size=(320, 320))[0] for i in images])
-        features = list(model.backbone(batch * 2 - 1).values())
-        model.head(features)
-    for m in norms:
-        m.momentum = 0.03
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def torchvision_pair(tmp_path_factory):
     torch.manual_seed(0)
     images = real_images()
-    reference = calibrated_torchvision(images)
+    reference = calibrated_torchvision_detector(images)  # BN statistics from real images: no all-tied scores
     path = tmp_path_factory.mktemp("ssd") / "ssdlite320_tv.pth"
     torch.save(reference.state_dict(), path)
     ours = heads.create_model("ssdlite320_mbv3_large_reduced", num_classes=91, pretrained=str(path)).eval()
