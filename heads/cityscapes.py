@@ -150,8 +150,9 @@ class SegTrainTransform:
         ], mask_interpolation=cv2.INTER_NEAREST)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, seed: int | None = None):
-        if seed is not None:
-            self.pipeline.set_random_seed(seed)
+        if seed is None:  # torch's generator, which DataLoader seeds differently in each worker
+            seed = int(torch.randint(2**31, ()))
+        self.pipeline.set_random_seed(seed)
         out = self.pipeline(image=image, mask=mask)
         return out["image"], out["mask"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -98,7 +99,7 @@ class Distributed:
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
             return values
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return dict(zip(values, (tensor / self.world).tolist()))
 
@@ -174,6 +175,7 @@ class Trainer:
     def state(self) -> dict:
         state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                 "steps_per_epoch": self.sampler.steps_per_epoch,
                  "metrics": self.metrics, "config": to_dict(self.cfg), "class_names": list(self.train_set.class_names)}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
@@ -189,20 +191,26 @@ class Trainer:
             path = path / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-        state = torch.load(path, map_location=self.env.device, weights_only=True)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if "model_ema" not in state:
-                raise ValueError(f"{path} was trained without EMA; resume with ema: false")
-            self.ema.module.load_state_dict(state["model_ema"])
+        try:
+            state = torch.load(path, map_location=self.env.device, weights_only=True)
+            if state["steps_per_epoch"] != self.sampler.steps_per_epoch:
+                raise ValueError(f"it has {state['steps_per_epoch']} steps per epoch, this run "
+                                 f"{self.sampler.steps_per_epoch}: keep batch_size, accumulate and the process count")
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                if "model_ema" not in state:
+                    raise ValueError("it was trained without EMA; resume with ema: false")
+                self.ema.module.load_state_dict(state["model_ema"])
+        except (RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"cannot resume from {path}: {reason}") from None
         self.step, self.metrics = state["step"], state["metrics"]
         log = self.output / "log.jsonl"
         if self.env.main and log.is_file():  # forget what the interrupted run logged after its checkpoint
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            log.write_text("".join(line + "\n" for line in kept))
+            log.write_text("".join(json.dumps(r) + "\n" for r in read_log(log) if r["step"] <= self.step))
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -220,7 +228,7 @@ class Trainer:
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
                 losses = self.task.losses(self.model, batch, self.env.device)
                 loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and not self.scaler.is_enabled():  # the scaler skips float16 overflows
                 raise FloatingPointError(f"step {self.step}: loss is {loss.item()} ({losses}); lower lr or disable amp")
             self.scaler.scale(loss / len(batches)).backward()
             for name, value in losses.items():
@@ -277,10 +285,11 @@ class Trainer:
 
     def evaluate(self, epoch: int) -> dict:
         """Evaluate the EMA (if any) or the model on rank 0, log it and redraw the plot."""
+        model = self.ema.module if self.ema is not None else unwrap(self.model)
+        if self.cfg.bn_recalibrate:  # on every process (SyncBatchNorm layers talk to each other), same batches
+            self.sampler.set_epoch(epoch - 1)  # whether or not the run was resumed
+            recalibrate_bn(model, self.loader, self.task, self.env.device, self.cfg.bn_recalibrate)
         if self.env.main:
-            model = self.ema.module if self.ema is not None else unwrap(self.model)
-            if self.cfg.bn_recalibrate:
-                recalibrate_bn(model, self.loader, self.task, self.env.device, self.cfg.bn_recalibrate)
             self.metrics = self.task.evaluate(model, self.val_set, self.cfg, self.env.device, self.output)
             self.log({"step": self.step, "epoch": epoch, "eval": self.metrics})
             plot_log(self.output / "log.jsonl", self.output / "plot.png", self.task.main_metric)
@@ -306,11 +315,22 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
     model.eval()
 
 
+def read_log(log: Path) -> list[dict]:
+    """The records of ``log.jsonl``, without a line that a killed process left half-written."""
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def plot_log(log: Path, path: Path, metric: str) -> None:
     """Loss per step and the main evaluation metric per epoch, from ``log.jsonl``, as a PNG."""
     from matplotlib.figure import Figure
 
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_log(log)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r and metric in r["eval"]]
     figure = Figure(figsize=(10, 4))

@@ -82,7 +82,8 @@ class DetectionTask(Task):
         """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images)."""
         from .coco_eval import evaluate, save_results, to_coco_results
 
-        detections, image_ids = predict_detections(model, dataset, cfg.batch_size, device, cfg.eval_limit)
+        detections, image_ids = predict_detections(model, dataset, cfg.batch_size, device, cfg.eval_limit,
+                                                   cfg.workers)
         results = to_coco_results(detections, image_ids, dataset.label_to_category)
         metrics = evaluate(dataset.coco, results, backend=cfg.eval_backend, image_ids=image_ids)
         if output is not None:
@@ -94,16 +95,20 @@ class DetectionTask(Task):
 
 
 @torch.no_grad()
-def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None):
+def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None,
+                       workers: int = 0):
     """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
+    from .coco import collate_detection
+
     model.eval()
     count = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size,
+                                         num_workers=workers, collate_fn=collate_detection)
     detections, image_ids = [], []
-    for start in tqdm(range(0, count, batch_size), desc="evaluate", leave=False):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        outputs = model([image.to(device) for image, _ in samples])
+    for images, targets in tqdm(loader, desc="evaluate", leave=False):
+        outputs = model([image.to(device) for image in images])
         detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
-        image_ids += [target["image_id"] for _, target in samples]
+        image_ids += [target["image_id"] for target in targets]
     return detections, image_ids
 
 

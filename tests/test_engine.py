@@ -147,3 +147,16 @@ def test_amp_ema_and_gradient_clipping_train(tmp_path, data_root):
     trainer.fit()
     assert all(map(torch.isfinite, torch.tensor(losses(tmp_path))))
     assert set(torch.load(tmp_path / "last.pt", weights_only=True)) >= {"model", "model_ema", "scaler", "class_names"}
+
+
+def test_resume_refuses_another_layout_or_a_broken_file(tmp_path, data_root):
+    task = get_task("detection")
+    Trainer(make_config(tiny(tmp_path / "run", data_root, max_steps=2)), task).fit()
+    with open(tmp_path / "run" / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')  # a line cut short by a kill
+    with pytest.raises(ValueError, match="steps per epoch.*keep batch_size, accumulate"):
+        Trainer(make_config(tiny(tmp_path / "run", data_root, batch_size=4)), task, resume=str(tmp_path / "run"))
+    assert Trainer(make_config(tiny(tmp_path / "run", data_root)), task, resume=str(tmp_path / "run")).step == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot resume from .*junk.pt"):
+        Trainer(make_config(tiny(tmp_path / "other", data_root)), task, resume=str(tmp_path / "junk.pt"))
