@@ -56,16 +56,17 @@ def predict(model: nn.Module, images: Tensor, mode: str = "whole", crop: Sequenc
 
 
 def evaluate(model: nn.Module, dataset, device, limit: int | None = None, output: Path | None = None,
-             write: bool = False, **inference) -> SegMetrics:
-    """Confusion-matrix metrics of ``model`` on ``dataset``; with ``output``, the tables and the confusion
-    PNG are written there, and with ``write`` also label-id predictions and colourised overlays."""
+             write: bool = False, workers: int = 0, **inference) -> SegMetrics:
+    """Confusion-matrix metrics of ``model`` on ``dataset`` (images decoded by ``workers`` processes); with
+    ``output``, the tables and the confusion PNG are written there, and with ``write`` also label-id
+    predictions and colourised overlays."""
     model.eval()
     confusion = ConfusionMatrix(class_names=dataset.class_names, ignore_index=dataset.ignore_index, device=device)
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    for index in tqdm(range(count), desc="evaluate", leave=False):
-        image, mask = dataset[index]
-        pred = predict(model, image[None].to(device), **inference)[0].argmax(0)
-        confusion.update(pred, mask.to(device))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), num_workers=workers)
+    for index, (image, mask) in enumerate(tqdm(loader, desc="evaluate", leave=False)):
+        pred = predict(model, image.to(device), **inference)[0].argmax(0)
+        confusion.update(pred, mask[0].to(device))
         if write and output is not None:
             write_predictions(pred.cpu().numpy(), dataset.stems[index], Path(output) / "predictions",
                               image=dataset.load(index)[0])

@@ -150,7 +150,7 @@ class SegmentationTask(Task):
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
         from .segment import evaluate
 
-        metrics = evaluate(model, dataset, device, limit=cfg.eval_limit, output=output)
+        metrics = evaluate(model, dataset, device, limit=cfg.eval_limit, output=output, workers=cfg.workers)
         print(metrics.table())
         return {"mIoU": metrics.miou, "category_mIoU": metrics.category_miou,
                 "pixel_accuracy": metrics.pixel_accuracy}
