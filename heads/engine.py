@@ -155,11 +155,10 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.accumulate, self.env.world,
                                    self.env.rank, cfg.seed)
         self.loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=self.sampler,
-                                                  num_workers=cfg.workers, collate_fn=task.collate,
-                                                  persistent_workers=False)
+                                                  num_workers=cfg.workers, collate_fn=task.collate)
         self.optimizer = build_optimizer(model, cfg, self.env.world)
         steps = self.sampler.steps_per_epoch
-        self.total_steps = min(cfg.epochs * steps, cfg.max_steps or cfg.epochs * steps)
+        self.total_steps = min(cfg.epochs * steps, cfg.max_steps or math.inf)
         warmup = min(cfg.warmup_steps, steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.total_steps, warmup, cfg.warmup_factor, cfg.scheduler))
