@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import segment
 from .backbone import create_backbone
-from .cityscapes import PALETTE, Cityscapes, builtin_cityscapes
-from .coco import LABEL_MODES, CocoDetection, builtin_coco
-from .coco_eval import BACKENDS, load_results, save_results, to_coco_results
-from .coco_eval import evaluate as evaluate_detections
 from .data import read_image
-from .predictors import BACKENDS as INFER_BACKENDS
-from .predictors import Timings, find_weights, load_model, make_predictor, resolve_device
-from .seg_eval import evaluate_folder, plot_confusion
-from .tasks import predict_detections
+from .deploy.predictor import BACKENDS as INFER_BACKENDS
+from .deploy.predictor import Timings, find_weights, load_model, make_predictor, resolve_device
+from .detection.coco import LABEL_MODES, CocoDetection, builtin_coco
+from .detection.evaluate import BACKENDS, load_results, save_results, to_coco_results
+from .detection.evaluate import evaluate as evaluate_detections
+from .segmentation import inference as segment
+from .segmentation.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
+from .segmentation.evaluate import evaluate_folder, plot_confusion
+from .training.tasks import predict_detections
 from .visualize import draw_detections, overlay_mask
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -194,7 +194,7 @@ def _infer(args) -> list[Timings]:
 
 def export_main(argv: list[str] | None = None) -> list[Path]:
     """Export to ONNX (and INT8 with --int8), print the largest difference to PyTorch; returns the files written."""
-    from . import export  # onnx and onnxruntime are needed for this tool only
+    from .deploy import export  # onnx and onnxruntime are needed for this tool only
 
     parser, source = _parser("Export a detector, segmenter or features_only backbone to ONNX (BatchNorm folded, "
                              "dynamic batch), check it with ONNX Runtime, optionally quantize it to INT8.")
@@ -213,7 +213,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _export(args) -> list[Path]:
-    from . import export
+    from .deploy import export
 
     if args.size is not None and len(args.size) > 2:
         raise ValueError(f"--size takes S or H W, got {len(args.size)} numbers")

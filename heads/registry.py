@@ -10,8 +10,8 @@ from torch import nn
 from mbbackbones.checkpoint import CheckpointError, read_checkpoint
 
 from .backbone import create_backbone  # noqa: F401  (re-exported)
-from .lraspp import LRASPP
-from .ssdlite import SSDLite
+from .detection.ssdlite import SSDLite
+from .segmentation.lraspp import LRASPP
 
 
 class Reference(NamedTuple):

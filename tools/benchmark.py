@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import torch
+from benchmarking.harness import COUNTERPARTS, markdown, run
+from benchmarking.workloads import FULL, QUICK, TASKS, workloads
 
-from heads.benchmark import FULL, QUICK, TASKS, workloads
 from heads.data import read_image
-from mbbackbones.benchmark import COUNTERPARTS, markdown, run
 
 # real photos: inputs of the SSDLite rows, their BatchNorm calibration, INT8 calibration
 IMAGES = [Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / name for name in ("3dogs.jpg", "color.jpg")]

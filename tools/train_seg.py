@@ -4,7 +4,7 @@ Multi-process: ``torchrun --nproc_per_node N tools/train_seg.py --config ...``.
 """
 import sys
 
-from heads.engine import main
+from heads.training.engine import main
 
 if __name__ == "__main__":
     main(sys.argv[1:], task="segmentation")

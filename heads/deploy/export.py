@@ -28,9 +28,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .cityscapes import Cityscapes, builtin_cityscapes
-from .coco import CocoDetection, builtin_coco
-from .lraspp import LargeKernelAvgPool
+from ..detection.coco import CocoDetection, builtin_coco
+from ..segmentation.cityscapes import Cityscapes, builtin_cityscapes
+from ..segmentation.lraspp import LargeKernelAvgPool
 
 OPSET = 17
 DEFAULT_SIZES = {"detection": None, "segmentation": (512, 1024), "backbone": (224, 224)}  # detection: model.size

@@ -21,7 +21,12 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
-from mbbackbones.benchmark import (
+from heads.registry import ENTRIES, create_model
+from heads.training.engine import recalibrate_bn
+from heads.training.tasks import DetectionTask, SegmentationTask
+from mbbackbones.profile import count_madds, count_params
+
+from .harness import (
     EAGER_TARGET,
     Contender,
     Published,
@@ -31,14 +36,9 @@ from mbbackbones.benchmark import (
     model_variants,
     paper_numbers,
 )
-from mbbackbones.profile import count_madds, count_params
-
-from .engine import recalibrate_bn
-from .registry import ENTRIES, create_model
-from .tasks import DetectionTask, SegmentationTask
 
 if TYPE_CHECKING:
-    from .export import OnnxModel
+    from heads.deploy.export import OnnxModel
 
 TASKS = ("classify", "features", "detect", "segment", "train", "deploy")
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_large_reduced", "lraspp_mbv3_large"
@@ -226,7 +226,7 @@ def onnx_detections(model: nn.Module, network: OnnxModel, images: Sequence[Tenso
 
 def export_classifier(model: nn.Module, path: Path, size: int) -> Path:
     """A classifier as ONNX (``images`` -> ``logits``, dynamic batch)."""
-    from .export import OPSET
+    from heads.deploy.export import OPSET
 
     torch.onnx.export(model.eval(), (torch.rand(1, 3, size, size),), str(path), dynamo=False, opset_version=OPSET,
                       input_names=["images"], output_names=["logits"], dynamic_axes={"images": {0: "batch"}})
@@ -238,7 +238,7 @@ def onnx_contenders(name: str, model: nn.Module, fp32: Path, calibration: list[n
                     target: float | None = None) -> tuple[Contender, ...]:
     """``run(session, inputs)`` with ONNX Runtime sessions (torch's thread count) of the exported ``fp32``
     graph of ``model`` and of its static INT8 quantization calibrated on ``calibration``."""
-    from .export import OnnxModel, quantize_int8
+    from heads.deploy.export import OnnxModel, quantize_int8
 
     int8 = quantize_int8(fp32, fp32.with_suffix(".int8.onnx"), calibration)
     size = dict(params=count_params(model), madds_m=round(count_madds(model, inputs[:1]) / 1e6, 1), target=target)
@@ -250,7 +250,7 @@ def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224,
                          background_logits=(0.0,), segment_size=(512, 1024), warmup: int = 5) -> Iterator[Workload]:
     """Ours in ONNX Runtime (fp32, INT8 calibrated on ``images``) against torchvision eager, batch 1:
     classification, SSDLite end to end (ORT network, our ``select``) and LR-ASPP logits."""
-    from .export import OnnxModel, export_onnx, model_input
+    from heads.deploy.export import OnnxModel, export_onnx, model_input
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

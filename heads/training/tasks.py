@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import registry
+from .. import registry
 from .config import TrainConfig
 
 
@@ -49,8 +49,8 @@ class DetectionTask(Task):
 
     @staticmethod
     def datasets(cfg: TrainConfig):
-        from .coco import CocoDetection, builtin_coco
-        from .det_transforms import SSDTrainTransform
+        from ..detection.coco import CocoDetection, builtin_coco
+        from ..detection.transforms import SSDTrainTransform
 
         policies = DetectionTask.policies
         Task.check_dataset(cfg, {"coco": "the folder with train2017/, val2017/, annotations/", "builtin": ""},
@@ -63,7 +63,7 @@ class DetectionTask(Task):
 
     @staticmethod
     def collate(batch):
-        from .coco import collate_detection
+        from ..detection.coco import collate_detection
 
         return collate_detection(batch)
 
@@ -80,7 +80,7 @@ class DetectionTask(Task):
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
         """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images)."""
-        from .coco_eval import evaluate, save_results, to_coco_results
+        from ..detection.evaluate import evaluate, save_results, to_coco_results
 
         detections, image_ids = predict_detections(model, dataset, cfg.batch_size, device, cfg.eval_limit,
                                                    cfg.workers)
@@ -98,7 +98,7 @@ class DetectionTask(Task):
 def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None,
                        workers: int = 0):
     """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
-    from .coco import collate_detection
+    from ..detection.coco import collate_detection
 
     model.eval()
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -124,7 +124,7 @@ class SegmentationTask(Task):
 
     @staticmethod
     def datasets(cfg: TrainConfig):
-        from .cityscapes import Cityscapes, SegTrainTransform, builtin_cityscapes
+        from ..segmentation.cityscapes import Cityscapes, SegTrainTransform, builtin_cityscapes
 
         Task.check_dataset(cfg, {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""},
                            ("default", "none"))
@@ -148,7 +148,7 @@ class SegmentationTask(Task):
 
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
-        from .segment import evaluate
+        from ..segmentation.inference import evaluate
 
         metrics = evaluate(model, dataset, device, limit=cfg.eval_limit, output=output, workers=cfg.workers)
         print(metrics.table())

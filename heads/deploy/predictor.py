@@ -17,10 +17,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from . import registry, segment
-from .cityscapes import CLASS_NAMES
-from .config import TrainConfig, load_config
-from .engine import CHECKPOINT
+from .. import registry
+from ..segmentation import inference as segment
+from ..segmentation.cityscapes import CLASS_NAMES
+from ..training.config import TrainConfig, load_config
+from ..training.engine import CHECKPOINT
 
 if TYPE_CHECKING:
     from .export import OnnxModel

@@ -21,8 +21,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
+from ..data import sample_seed
 from .config import TrainConfig, to_dict
-from .data import sample_seed
 
 CHECKPOINT = "last.pt"
 

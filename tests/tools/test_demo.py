@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mbbackbones
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_model_table_prints_every_model():

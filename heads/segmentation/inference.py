@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .seg_eval import ConfusionMatrix, SegMetrics, plot_confusion, write_predictions
+from .evaluate import ConfusionMatrix, SegMetrics, plot_confusion, write_predictions
 
 MODES = ("whole", "slide")
 

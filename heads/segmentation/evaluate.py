@@ -14,9 +14,9 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..data import DataError
+from ..visualize import overlay_mask
 from .cityscapes import CATEGORIES, CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE, TRAIN_ID_TO_ID, read_label_ids
-from .data import DataError
-from .visualize import overlay_mask
 
 PREDICTION_SUFFIX = "_labelIds.png"  # <city>_<seq>_<frame>_labelIds.png: matches the official "<stem>*.png" search
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from mbbackbones.checkpoint import CheckpointError, convert
 from mbbackbones.layers import ConvNormAct
 
-from .backbone import create_backbone
+from ..backbone import create_backbone
 
 POOLINGS = ("global", "large_kernel")
 # torchvision LRASPPHead layers -> ours

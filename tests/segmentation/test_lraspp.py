@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
 import heads
-from heads.lraspp import LargeKernelAvgPool, PoolingGate
+from heads.segmentation.lraspp import LargeKernelAvgPool, PoolingGate
 from mbbackbones.profile import count_madds, count_params
 
 NAMES = heads.list_models("segmentation")

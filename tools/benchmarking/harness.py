@@ -19,8 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
-from . import ENTRIES, MODELS
-from .profile import count_madds, count_params
+from mbbackbones import ENTRIES, MODELS
+from mbbackbones.profile import count_madds, count_params
 
 # our name -> the reference build of the same architecture (equal params, checked by tests)
 COUNTERPARTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {

@@ -7,17 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from heads import segment
-from heads.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
 from heads.cli import eval_det_main, eval_seg_main, infer_main
-from heads.coco import CocoDetection, builtin_coco
-from heads.coco_eval import load_results
-from heads.config import make_config
 from heads.data import read_image
-from heads.engine import Trainer
-from heads.predictors import load_model, make_predictor
-from heads.seg_eval import PREDICTION_SUFFIX
-from heads.tasks import get_task
+from heads.deploy.predictor import load_model, make_predictor
+from heads.detection.coco import CocoDetection, builtin_coco
+from heads.detection.evaluate import load_results
+from heads.segmentation import inference as segment
+from heads.segmentation.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
+from heads.segmentation.evaluate import PREDICTION_SUFFIX
+from heads.training.config import make_config
+from heads.training.engine import Trainer
+from heads.training.tasks import get_task
 from heads.visualize import class_colour, draw_detections, overlay_mask
 
 TINY = dict(max_steps=2, batch_size=2, workers=0, eval_limit=4, optimizer="adam", lr=0.001, lr_batch=2)

@@ -21,7 +21,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
-from .data import DataError, default_data_root, read_image, split_item, write_once
+from ..data import DataError, default_data_root, read_image, split_item, write_once
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"

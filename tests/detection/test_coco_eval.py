@@ -10,7 +10,7 @@ from conftest import REAL
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
-from heads.coco_eval import BACKENDS, STAT_NAMES, evaluate, load_results, save_results, to_coco_results
+from heads.detection.evaluate import BACKENDS, STAT_NAMES, evaluate, load_results, save_results, to_coco_results
 
 SAMPLE = REAL / "coco_sample" / "annotations" / "instances_val2017.json"
 SAMPLE_IMAGE = 39769

@@ -17,7 +17,7 @@ from torchvision.ops import batched_nms, box_iou
 from mbbackbones.checkpoint import CheckpointError, convert
 from mbbackbones.layers import ConvNormAct
 
-from .backbone import create_backbone, normal_init
+from ..backbone import create_backbone, normal_init
 
 
 def extra_block(in_channels: int, out_channels: int, norm) -> nn.Sequential:

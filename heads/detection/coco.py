@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.ops import box_iou
 
-from .data import DataError, default_data_root, read_image, split_item, write_once
+from ..data import DataError, default_data_root, read_image, split_item, write_once
 
 _logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from heads.config import ConfigError, load_config, make_config, parse_overrides
-from heads.engine import StepSampler, Trainer, lr_factor
-from heads.tasks import get_task
+from heads.training.config import ConfigError, load_config, make_config, parse_overrides
+from heads.training.engine import StepSampler, Trainer, lr_factor
+from heads.training.tasks import get_task
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def tiny(tmp_path, data_root, **overrides) -> dict:
@@ -24,7 +24,7 @@ def tiny(tmp_path, data_root, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from heads.coco import builtin_coco
+    from heads.detection.coco import builtin_coco
 
     return builtin_coco(tmp_path_factory.mktemp("data") / "builtin_coco")
 
@@ -129,7 +129,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, data_root):
 
 
 def test_tool_errors_are_one_line(tmp_path, capsys):
-    from heads.engine import main
+    from heads.training.engine import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(tmp_path / "nope.yaml")])

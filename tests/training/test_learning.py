@@ -3,12 +3,12 @@ import torch
 from conftest import REAL
 
 import heads
-from heads.cityscapes import CLASS_NAMES, Cityscapes
-from heads.coco import CocoDetection
-from heads.coco_eval import evaluate, to_coco_results
-from heads.engine import recalibrate_bn
-from heads.seg_eval import ConfusionMatrix
-from heads.tasks import SegmentationTask
+from heads.detection.coco import CocoDetection
+from heads.detection.evaluate import evaluate, to_coco_results
+from heads.segmentation.cityscapes import CLASS_NAMES, Cityscapes
+from heads.segmentation.evaluate import ConfusionMatrix
+from heads.training.engine import recalibrate_bn
+from heads.training.tasks import SegmentationTask
 
 
 def test_ssdlite_overfits_the_real_coco_image():

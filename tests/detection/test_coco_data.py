@@ -13,9 +13,9 @@ from conftest import REAL
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
-from heads.coco import CocoDetection, builtin_coco, collate_detection
 from heads.data import DataError
-from heads.det_transforms import MEAN_FILL, RandomIoUCrop, RandomZoomOut, SSDTrainTransform
+from heads.detection.coco import CocoDetection, builtin_coco, collate_detection
+from heads.detection.transforms import MEAN_FILL, RandomIoUCrop, RandomZoomOut, SSDTrainTransform
 
 REAL_SAMPLE = REAL / "coco_sample"
 COCO_KEYS = {"info", "licenses", "images", "annotations", "categories"}

@@ -12,9 +12,15 @@ import torch.distributed as dist
 from cityscapesscripts.helpers.csHelpers import getCsFileInfo
 from PIL import Image
 
-from heads.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID, Cityscapes, builtin_cityscapes
 from heads.data import DataError
-from heads.seg_eval import ConfusionMatrix, evaluate_folder, official_scores, plot_confusion, write_predictions
+from heads.segmentation.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID, Cityscapes, builtin_cityscapes
+from heads.segmentation.evaluate import (
+    ConfusionMatrix,
+    evaluate_folder,
+    official_scores,
+    plot_confusion,
+    write_predictions,
+)
 
 TOY = dict(class_names=("a", "b", "c"), categories=("x", "x", "y"))
 

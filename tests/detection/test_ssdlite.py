@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from benchmarking.workloads import calibrated_torchvision_detector
 from conftest import REAL
 from PIL import Image
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops import batched_nms
 
 import heads
-from heads.benchmark import calibrated_torchvision_detector
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.profile import count_madds, count_params
 

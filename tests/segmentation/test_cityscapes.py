@@ -11,7 +11,8 @@ from cityscapesscripts.helpers.labels import labels as official_labels
 from conftest import REAL
 from PIL import Image
 
-from heads.cityscapes import (
+from heads.data import DataError
+from heads.segmentation.cityscapes import (
     CATEGORIES,
     CLASS_NAMES,
     ID_TO_TRAIN_ID,
@@ -21,7 +22,6 @@ from heads.cityscapes import (
     SegTrainTransform,
     builtin_cityscapes,
 )
-from heads.data import DataError
 
 REAL_SAMPLE = REAL / "cityscapes_sample"
 REAL_STEM = "frankfurt_000000_000294"

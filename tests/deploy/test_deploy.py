@@ -9,13 +9,13 @@ from torch import nn
 from torchvision.ops import box_iou
 
 import mbbackbones
-from heads import export
 from heads.backbone import create_backbone
 from heads.cli import export_main, infer_main
 from heads.data import read_image
-from heads.lraspp import LRASPP
-from heads.predictors import load_model, make_predictor
+from heads.deploy import export
+from heads.deploy.predictor import load_model, make_predictor
 from heads.registry import create_model
+from heads.segmentation.lraspp import LRASPP
 
 DETECTOR, SEGMENTER, BACKBONE = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced", "mbv3_small_reduced"
 

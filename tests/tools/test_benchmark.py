@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS
+from benchmarking.workloads import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
 from conftest import REAL
 
-from heads.benchmark import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
 from heads.data import read_image
-from mbbackbones.benchmark import COUNTERPARTS, FEATURE_ROWS
 from mbbackbones.profile import count_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = [read_image(REAL / name) for name in ("3dogs.jpg", "color.jpg")]
 
 
