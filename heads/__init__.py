@@ -1,4 +1,35 @@
-"""Task heads on mbbackbones: SSDLite detection and LR-ASPP segmentation, built by name."""
-from .registry import ENTRIES, MODELS, create_backbone, create_model, list_models
+"""Task heads on mbbackbones: SSDLite detection and LR-ASPP segmentation, with their data, training and deployment.
 
-__all__ = ["ENTRIES", "MODELS", "create_backbone", "create_model", "list_models"]
+The public API is what ``__all__`` lists; the sub-packages are internal and may change:
+
+- ``heads.detection``: SSDLite, the COCO reader, the built-in COCO-format set, SSD augmentation, COCO metrics.
+- ``heads.segmentation``: LR-ASPP, the Cityscapes reader, built-in scenes, augmentation, inference, metrics.
+- ``heads.training``: the config, the one engine shared by both tasks, the tasks' hooks, the sampler, logs.
+- ``heads.deploy``: BatchNorm folding, export, runtimes and predictors.
+
+Names are imported on first use, so ``import heads`` loads neither the augmentation nor the plotting libraries.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import version
+
+from .registry import ENTRIES, MODELS, create_model, list_models
+
+__version__ = version("mbbackbones")
+_LAZY = {  # public name -> the module that defines it
+    "DataError": "heads.data",
+    "SAMPLE_IMAGES": "heads.assets",
+    "TrainConfig": "heads.training.config",
+    "ConfigError": "heads.training.config",
+    "load_config": "heads.training.config",
+}
+__all__ = ["ENTRIES", "MODELS", "create_model", "list_models", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'heads' has no attribute {name!r}")

@@ -1,7 +1,8 @@
-"""The evaluation, inference and export tools (``tools/eval_det.py``, ``eval_seg.py``, ``infer.py``, ``export.py``).
+"""The command lines of ``tools/``: training, evaluation, inference and export.
 
 Each ``*_main(argv)`` parses its arguments and runs; errors in the inputs (missing files, unknown models,
-unreadable data) end it with one line on stderr and exit code 2.
+unreadable data) end it with one line on stderr and exit code 2. Each imports only what its own work needs,
+so that, say, inference with a detector never loads the segmentation or augmentation libraries.
 """
 from __future__ import annotations
 
@@ -9,23 +10,6 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from .backbone import create_backbone
-from .data import read_image
-from .deploy.predictor import BACKENDS as INFER_BACKENDS
-from .deploy.predictor import Timings, find_weights, load_model, make_predictor, resolve_device
-from .detection.coco import LABEL_MODES, CocoDetection, builtin_coco
-from .detection.evaluate import BACKENDS, load_results, save_results, to_coco_results
-from .detection.evaluate import evaluate as evaluate_detections
-from .segmentation import inference as segment
-from .segmentation.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
-from .segmentation.evaluate import evaluate_folder, plot_confusion
-from .training.tasks import predict_detections
-from .visualize import draw_detections, overlay_mask
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -65,10 +49,41 @@ def _write_json(path: Path | None, metrics) -> None:
         path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics, indent=1))
 
 
+# -- training ---------------------------------------------------------------------------------------------------
+
+def train_main(argv: list[str] | None = None, task: str = "detection") -> dict:
+    """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the final metrics."""
+    from .training.config import load_config
+    from .training.engine import CHECKPOINT, Trainer
+    from .training.tasks import get_task
+
+    parser = argparse.ArgumentParser(description=f"Train a {task} model. Any config key can be overridden "
+                                                 "with --key value (see heads/training/config.py for the list).")
+    parser.add_argument("--config", help="YAML file with TrainConfig keys")
+    parser.add_argument("--resume", help="checkpoint (or run folder) to continue exactly; 'auto': the output's")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides, task=task, **get_task(task).defaults)
+        resume = args.resume
+        if resume == "auto":
+            resume = str(Path(cfg.output) / CHECKPOINT) if (Path(cfg.output) / CHECKPOINT).is_file() else None
+        trainer = Trainer(cfg, get_task(cfg.task), resume=resume)
+        metrics = trainer.fit()
+    except (ValueError, FileNotFoundError) as error:  # config, data and checkpoint errors: one line, no traceback
+        parser.exit(2, f"error: {error}\n")
+    if trainer.env.main:
+        print(f"done: {trainer.step} steps; checkpoint {trainer.output / CHECKPOINT}; "
+              f"{trainer.task.main_metric} = {metrics.get(trainer.task.main_metric, float('nan')):.4f}")
+    return metrics
+
+
 # -- detection --------------------------------------------------------------------------------------------------
 
 def eval_det_main(argv: list[str] | None = None):
     """COCO box AP of a model, or of an existing results file; returns the ``CocoMetrics``."""
+    from .detection.coco import LABEL_MODES
+    from .detection.evaluate import BACKENDS
+
     parser, source = _parser("Evaluate a detector on COCO (or the built-in set): COCOeval's summary, AP per class.")
     source.add_argument("--results", help="score this COCO results JSON instead of running a model")
     _add_data(parser, "val2017")
@@ -79,6 +94,11 @@ def eval_det_main(argv: list[str] | None = None):
 
 
 def _eval_det(args):
+    from .deploy.predictor import find_weights, load_model, resolve_device
+    from .detection.builtin import builtin_coco
+    from .detection.coco import CocoDetection
+    from .detection.evaluate import evaluate, load_results, predict_detections, save_results, to_coco_results
+
     config = find_weights(args.weights)[1] if args.weights else None
     label_mode = args.label_mode or (config.label_mode if config else "contiguous")
     dataset = CocoDetection(args.data_root or builtin_coco(), args.split, label_mode=label_mode)
@@ -95,7 +115,7 @@ def _eval_det(args):
     if not dataset.coco.anns:  # test-dev: nothing to score here; the results file is the submission
         print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server")
         return None
-    metrics = evaluate_detections(dataset.coco, results, backend=args.backend, image_ids=image_ids)
+    metrics = evaluate(dataset.coco, results, backend=args.backend, image_ids=image_ids)
     print(metrics.summary, metrics.per_class_table(), sep="\n\n")
     _write_json(args.json, metrics.to_json())
     return metrics
@@ -105,10 +125,12 @@ def _eval_det(args):
 
 def eval_seg_main(argv: list[str] | None = None):
     """Cityscapes IoU of a model, or of a folder of label-id PNGs; returns the ``SegMetrics``."""
+    from .segmentation.inference import MODES
+
     parser, source = _parser("Evaluate a segmenter on Cityscapes (or the built-in set): IoU per class and category.")
     source.add_argument("--predictions", type=Path, help="score this folder of <stem>*_labelIds.png files instead")
     _add_data(parser, "val")
-    parser.add_argument("--mode", choices=segment.MODES, default="whole")
+    parser.add_argument("--mode", choices=MODES, default="whole")
     parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"), help="slide window")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide step (default: 2/3 crop)")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
@@ -119,6 +141,11 @@ def eval_seg_main(argv: list[str] | None = None):
 
 
 def _eval_seg(args):
+    from .deploy.predictor import load_model, resolve_device
+    from .segmentation.builtin import builtin_cityscapes
+    from .segmentation.cityscapes import Cityscapes
+    from .segmentation.evaluate import evaluate_folder, evaluate_model, plot_confusion
+
     if args.write_predictions and not args.out:
         raise ValueError("--write-predictions needs --out (the folder to write them to)")
     dataset = Cityscapes(args.data_root or builtin_cityscapes(), args.split)
@@ -132,7 +159,7 @@ def _eval_seg(args):
     else:
         device = resolve_device(args.device)
         model = load_model(args.weights, args.model, device=device).model
-        metrics = segment.evaluate(model, dataset, device, output=args.out, write=args.write_predictions,
+        metrics = evaluate_model(model, dataset, device, output=args.out, write=args.write_predictions,
                                    mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,
                                    scales=args.scales)
     print(metrics.table())
@@ -154,8 +181,10 @@ def list_images(path: Path) -> list[Path]:
     return images
 
 
-def infer_main(argv: list[str] | None = None) -> list[Timings]:
+def infer_main(argv: list[str] | None = None) -> list:
     """Predict on an image or a folder; write one PNG picture per image; returns the timings."""
+    from .deploy.predictor import BACKENDS as INFER_BACKENDS
+
     parser, _ = _parser("Run a detector or segmenter on images; write pictures of the predictions.")
     parser.add_argument("--task", choices=("detection", "segmentation"), help="checked against the model's")
     parser.add_argument("input", type=Path, help="an image or a folder of images")
@@ -168,7 +197,13 @@ def infer_main(argv: list[str] | None = None) -> list[Timings]:
     return _run(parser, argv, _infer)
 
 
-def _infer(args) -> list[Timings]:
+def _infer(args) -> list:
+    from tqdm import tqdm
+
+    from .data import read_image
+    from .deploy.predictor import Timings, load_model, make_predictor
+    from .visualize import draw_detections, overlay_mask
+
     images = list_images(args.input)
     loaded = load_model(args.weights, args.model, device=args.device)
     if args.task and args.task != loaded.task:
@@ -182,6 +217,8 @@ def _infer(args) -> list[Timings]:
         if loaded.task == "detection":
             picture = draw_detections(image, **output, class_names=loaded.class_names, score_thresh=args.score_thresh)
         else:
+            from .segmentation.cityscapes import PALETTE
+
             picture = overlay_mask(image, output, PALETTE)
         picture.save(args.out / f"{path.stem}.png")
         tqdm.write(f"{path.name}: {timing}")
@@ -213,7 +250,13 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _export(args) -> list[Path]:
+    import numpy as np
+    import torch
+
+    from .backbone import create_backbone
+    from .data import read_image
     from .deploy import export
+    from .deploy.predictor import load_model, resolve_device
 
     if args.size is not None and len(args.size) > 2:
         raise ValueError(f"--size takes S or H W, got {len(args.size)} numbers")

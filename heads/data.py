@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +42,3 @@ def split_item(item) -> tuple[int, int | None]:
 def default_data_root() -> Path:
     """Where built-in datasets are written: ``$MBBACKBONES_DATA`` when set, else ``~/.cache/mbbackbones``."""
     return Path(os.environ.get("MBBACKBONES_DATA", "~/.cache/mbbackbones")).expanduser()
-
-
-def write_once(root: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(folder)`` on a temporary sibling of ``root``, then rename it into place: ``root`` is
-    either complete or absent, and when two processes race, the first rename wins."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        write(staging)
-        try:
-            os.replace(staging, root)
-        except OSError:
-            if not root.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

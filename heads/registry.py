@@ -1,26 +1,18 @@
 """Task models by name: one table of detector / segmenter configurations on registered backbones."""
 from __future__ import annotations
 
-import difflib
 import os
 from typing import NamedTuple
 
 from torch import nn
 
 from mbbackbones.checkpoint import CheckpointError, read_checkpoint
+from mbbackbones.choices import did_you_mean
+from mbbackbones.registry import Reference
 
 from .backbone import create_backbone  # noqa: F401  (re-exported)
 from .detection.ssdlite import SSDLite
 from .segmentation.lraspp import LRASPP
-
-
-class Reference(NamedTuple):
-    """Published numbers for the same configuration (metric, params, MAdds in billions)."""
-
-    source: str
-    metric: float | None
-    params: float | None
-    madds_b: float | None
 
 
 class TaskEntry(NamedTuple):
@@ -34,17 +26,18 @@ class TaskEntry(NamedTuple):
 TABLE6 = "MobileNetV3 paper, Table 6 (COCO mAP)"
 MODELS = (
     TaskEntry("ssdlite320_mbv3_large_reduced", SSDLite, "mbv3_large_reduced", {}, (
-        Reference(TABLE6, 22.0, 3.22e6, 0.51),
-        Reference("torchvision ssdlite320_mobilenet_v3_large (91 classes)", 21.3, 3_440_060, 0.583))),
-    TaskEntry("ssdlite320_mbv3_large", SSDLite, "mbv3_large", {}, (Reference(TABLE6, 22.0, 4.97e6, 0.62),)),
+        Reference(TABLE6, 22.0, 3.22e6, 510),
+        Reference("torchvision ssdlite320_mobilenet_v3_large (91 classes)", 21.3, 3_440_060, 583))),
+    TaskEntry("ssdlite320_mbv3_large", SSDLite, "mbv3_large", {}, (Reference(TABLE6, 22.0, 4.97e6, 620),)),
     TaskEntry("ssdlite320_mbv3_small_reduced", SSDLite, "mbv3_small_reduced", {}, (
-        Reference(TABLE6, 16.1, 1.77e6, 0.16),)),
-    TaskEntry("ssdlite320_mbv3_small", SSDLite, "mbv3_small", {}, (Reference(TABLE6, 16.0, 2.49e6, 0.21),)),
-    TaskEntry("ssdlite320_mbv2_100", SSDLite, "mbv2_100", {}, (Reference(TABLE6, 22.1, 4.3e6, 0.80),)),
-    TaskEntry("ssdlite320_mbv1_100", SSDLite, "mbv1_100", {}, (Reference(TABLE6, 22.2, 5.1e6, 1.3),)),
-    # torchvision counts its 2.086 GMAdds at 520x520 (its preset resize); 15.786 at 1024x2048 (tests/test_lraspp.py)
+        Reference(TABLE6, 16.1, 1.77e6, 160),)),
+    TaskEntry("ssdlite320_mbv3_small", SSDLite, "mbv3_small", {}, (Reference(TABLE6, 16.0, 2.49e6, 210),)),
+    TaskEntry("ssdlite320_mbv2_100", SSDLite, "mbv2_100", {}, (Reference(TABLE6, 22.1, 4.3e6, 800),)),
+    TaskEntry("ssdlite320_mbv1_100", SSDLite, "mbv1_100", {}, (Reference(TABLE6, 22.2, 5.1e6, 1300),)),
+    # torchvision counts its 2086M MAdds at 520x520 (its preset resize); 15786M at 1024x2048
+    # (tests/segmentation/test_lraspp.py)
     TaskEntry("lraspp_mbv3_large", LRASPP, "mbv3_large", {}, (
-        Reference("torchvision lraspp_mobilenet_v3_large (21 classes, COCO-VOC mIoU)", 57.9, 3_221_538, 2.086),)),
+        Reference("torchvision lraspp_mobilenet_v3_large (21 classes, COCO-VOC mIoU)", 57.9, 3_221_538, 2086),)),
     # the paper's setting: reduced tail, output stride 16, 128 filters; its pooling is pooling="large_kernel"
     TaskEntry("lraspp_mbv3_large_reduced", LRASPP, "mbv3_large_reduced", {}, (
         Reference("MobileNetV3 paper §6.3 (Cityscapes val mIoU)", 72.6, None, None),)),
@@ -61,9 +54,7 @@ def list_models(task: str | None = None) -> list[str]:
 
 def check_name(name: str) -> TaskEntry:
     if name not in ENTRIES:
-        close = difflib.get_close_matches(name, ENTRIES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown task model {name!r}.{hint} Available: {', '.join(ENTRIES)}")
+        raise ValueError(f"Unknown task model {name!r}.{did_you_mean(name, ENTRIES)} Available: {', '.join(ENTRIES)}")
     return ENTRIES[name]
 
 

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import colorsys
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"  # scalable, ships with matplotlib
+# a scalable font that ships with matplotlib, found without importing it
+FONT = Path(importlib.util.find_spec("matplotlib").origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
 GOLDEN_RATIO = 0.618033988749895
 
 

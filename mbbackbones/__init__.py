@@ -1,4 +1,6 @@
 """MobileNet V1/V2/V3 backbones with C1-C5 feature taps, registered into timm on import."""
+from importlib.metadata import version
+
 from .architectures import ARCHS, Row, resolve
 from .checkpoint import CheckpointError, convert, detect_format
 from .model import MobileNet
@@ -6,4 +8,4 @@ from .registry import ENTRIES, MODELS, create_model, list_models
 
 __all__ = ["ARCHS", "ENTRIES", "MODELS", "CheckpointError", "MobileNet", "Row", "convert", "create_model",
            "detect_format", "list_models", "resolve"]
-__version__ = "0.1.0"
+__version__ = version("mbbackbones")

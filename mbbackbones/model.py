@@ -10,16 +10,12 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .architectures import ARCHS, resolve
+from .choices import check_choice
 from .layers import ConvNormAct, DepthwiseSeparable, InvertedResidual
 
 OUTPUT_STRIDES = (8, 16, 32)
 FEATURE_LOCATIONS = ("block", "downsample", "expansion")
 LEVELS = (2, 4, 8, 16, 32)  # nominal strides of C1..C5
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
 
 
 class MobileNet(nn.Module):
@@ -58,9 +54,9 @@ class MobileNet(nn.Module):
         norm_momentum: Optional[float] = None,
     ):
         super().__init__()
-        _choice("arch", arch, tuple(ARCHS))
-        _choice("output_stride", output_stride, OUTPUT_STRIDES)
-        _choice("feature_location", feature_location, FEATURE_LOCATIONS)
+        check_choice("arch", arch, ARCHS)
+        check_choice("output_stride", output_stride, OUTPUT_STRIDES)
+        check_choice("feature_location", feature_location, FEATURE_LOCATIONS)
         if width <= 0:
             raise ValueError(f"width={width!r} must be positive")
         spec = ARCHS[arch]

@@ -4,7 +4,6 @@ Importing this module registers every name into timm (``timm.create_model("mbv3_
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from typing import NamedTuple
@@ -14,18 +13,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCE
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .checkpoint import CheckpointError, convert, read_checkpoint
+from .choices import did_you_mean
 from .model import MobileNet
 
 TORCHVISION = "https://download.pytorch.org/models/"
 
 
 class Reference(NamedTuple):
-    """Published numbers for the same architecture (ImageNet top-1, MAdds in millions, params)."""
+    """Numbers published for the same configuration, by backbones and task models alike."""
 
     source: str
-    top1: float | None
-    madds_m: float | None
-    params: int | float
+    metric: float | None = None   # the source's headline metric: ImageNet top-1, COCO mAP, mIoU
+    params: float | None = None
+    madds_m: float | None = None  # millions of multiply-adds at the source's input size
 
 
 class Entry(NamedTuple):
@@ -60,38 +60,38 @@ MODELS = (
     Entry("mbv3_large", "v3_large", 1.0, False, 5_483_032, 216.6, {
         "tv2_in1k": _torchvision("mobilenet_v3_large-5c1a4163.pth", resize=232),
         "tv_in1k": _torchvision("mobilenet_v3_large-8738ca79.pth"),
-    }, (Reference(PAPER_V3, 75.2, 219, 5.4e6), Reference("torchvision mobilenet_v3_large", 75.274, 216.6, 5_483_032))),
+    }, (Reference(PAPER_V3, 75.2, 5.4e6, 219), Reference("torchvision mobilenet_v3_large", 75.274, 5_483_032, 216.6))),
     Entry("mbv3_large_reduced", "v3_large", 1.0, True, 2_569_352, 182.3, {},
-          (Reference("torchvision mobilenet_v3_large(reduced_tail=True)", None, None, 2_569_352),)),
+          (Reference("torchvision mobilenet_v3_large(reduced_tail=True)", None, 2_569_352, None),)),
     Entry("mbv3_large_075", "v3_large", 0.75, False, 3_993_528, 154.6, {},
-          (Reference(PAPER_V3, 73.3, 155, 4.0e6), Reference("timm mobilenetv3_large_075", None, 154.6, 3_993_528))),
+          (Reference(PAPER_V3, 73.3, 4.0e6, 155), Reference("timm mobilenetv3_large_075", None, 3_993_528, 154.6))),
     Entry("mbv3_small", "v3_small", 1.0, False, 2_542_856, 56.5, {
         "tv_in1k": _torchvision("mobilenet_v3_small-047dcff4.pth"),
-    }, (Reference(PAPER_V3, 67.4, 56, 2.5e6), Reference("torchvision mobilenet_v3_small", 67.668, 56.5, 2_542_856))),
+    }, (Reference(PAPER_V3, 67.4, 2.5e6, 56), Reference("torchvision mobilenet_v3_small", 67.668, 2_542_856, 56.5))),
     Entry("mbv3_small_reduced", "v3_small", 1.0, True, 1_099_672, 43.8, {},
-          (Reference("torchvision mobilenet_v3_small(reduced_tail=True)", None, None, 1_099_672),)),
+          (Reference("torchvision mobilenet_v3_small(reduced_tail=True)", None, 1_099_672, None),)),
     Entry("mbv3_small_075", "v3_small", 0.75, False, 2_041_872, 43.4, {},
-          (Reference(PAPER_V3, 65.4, 44, 2.0e6), Reference("timm mobilenetv3_small_075", None, 43.4, 2_041_872))),
+          (Reference(PAPER_V3, 65.4, 2.0e6, 44), Reference("timm mobilenetv3_small_075", None, 2_041_872, 43.4))),
     Entry("mbv2_100", "v2", 1.0, False, 3_504_872, 300.8, {
         "tv2_in1k": _torchvision("mobilenet_v2-7ebf99e0.pth", resize=232),
         "tv_in1k": _torchvision("mobilenet_v2-b0353104.pth"),
-    }, (Reference("MobileNetV2 paper, Table 4", 72.0, 300, 3.4e6),
-        Reference("torchvision mobilenet_v2", 72.154, 300.8, 3_504_872))),
+    }, (Reference("MobileNetV2 paper, Table 4", 72.0, 3.4e6, 300),
+        Reference("torchvision mobilenet_v2", 72.154, 3_504_872, 300.8))),
     Entry("mbv2_050", "v2", 0.5, False, 1_968_680, 97.1, {
         "lamb_in1k": _timm("timm/mobilenetv2_050.lamb_in1k"),
-    }, (Reference("MobileNetV2 paper, Table 6 (0.5)", 65.4, 97, 1.95e6),
-        Reference("torchvision mobilenet_v2(width_mult=0.5)", None, 97.1, 1_968_680))),
+    }, (Reference("MobileNetV2 paper, Table 6 (0.5)", 65.4, 1.95e6, 97),
+        Reference("torchvision mobilenet_v2(width_mult=0.5)", None, 1_968_680, 97.1))),
     Entry("mbv2_035", "v2", 0.35, False, 1_677_128, 59.3, {},
-          (Reference("MobileNetV2 paper, Table 6 (0.35)", 60.3, 59, 1.66e6),
-           Reference("torchvision mobilenet_v2(width_mult=0.35)", None, 59.3, 1_677_128))),
+          (Reference("MobileNetV2 paper, Table 6 (0.35)", 60.3, 1.66e6, 59),
+           Reference("torchvision mobilenet_v2(width_mult=0.35)", None, 1_677_128, 59.3))),
     Entry("mbv1_100", "v1", 1.0, False, 4_231_976, 568.7, {
         "ra4_e3600_r224_in1k": _timm("timm/mobilenetv1_100.ra4_e3600_r224_in1k", mean=IMAGENET_INCEPTION_MEAN,
                                      std=IMAGENET_INCEPTION_STD),
-    }, (Reference("MobileNetV1 paper, Table 8", 70.6, 569, 4.2e6),
-        Reference("timm mobilenetv1_100", None, 568.7, 4_231_976))),
+    }, (Reference("MobileNetV1 paper, Table 8", 70.6, 4.2e6, 569),
+        Reference("timm mobilenetv1_100", None, 4_231_976, 568.7))),
     Entry("mbv1_050", "v1", 0.5, False, 1_331_592, 149.5, {},
-          (Reference("MobileNetV1 paper, Table 8 (0.5)", 63.7, 149, 1.3e6),
-           Reference("timm builder, width 0.5", None, 149.5, 1_331_592))),
+          (Reference("MobileNetV1 paper, Table 8 (0.5)", 63.7, 1.3e6, 149),
+           Reference("timm builder, width 0.5", None, 1_331_592, 149.5))),
 )
 ENTRIES = {entry.name: entry for entry in MODELS}
 
@@ -154,9 +154,7 @@ def list_models() -> list[str]:
 def check_name(name: str) -> str:
     base = name.split(".", 1)[0]
     if base not in ENTRIES:
-        close = difflib.get_close_matches(base, ENTRIES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown model {name!r}.{hint} Available: {', '.join(ENTRIES)}")
+        raise ValueError(f"Unknown model {name!r}.{did_you_mean(base, ENTRIES)} Available: {', '.join(ENTRIES)}")
     return name
 
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
@@ -25,3 +26,14 @@ def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 REAL = Path(__file__).parent / "data" / "real"  # small real samples (see its README.md for sources and licences)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """A folder of three real photos: the package's samples (3dogs, kitten) and the grayscale kitten."""
+    from heads.assets import SAMPLE_IMAGES
+
+    folder = tmp_path_factory.mktemp("photos")
+    for path in [*SAMPLE_IMAGES.values(), REAL / "gray.jpg"]:
+        shutil.copy(path, folder)
+    return folder

@@ -7,10 +7,11 @@ import torch
 from benchmarking.harness import COUNTERPARTS, markdown, run
 from benchmarking.workloads import FULL, QUICK, TASKS, workloads
 
+from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
 
 # real photos: inputs of the SSDLite rows, their BatchNorm calibration, INT8 calibration
-IMAGES = [Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / name for name in ("3dogs.jpg", "color.jpg")]
+IMAGES = list(SAMPLE_IMAGES.values())
 
 
 def main() -> None:

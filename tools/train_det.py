@@ -4,7 +4,7 @@ Multi-process: ``torchrun --nproc_per_node N tools/train_det.py --config ...``.
 """
 import sys
 
-from heads.training.engine import main
+from heads.cli import train_main
 
 if __name__ == "__main__":
-    main(sys.argv[1:], task="detection")
+    train_main(sys.argv[1:], task="detection")

@@ -5,9 +5,12 @@ What each kind of model becomes (input ``images`` [B, 3, H, W], the batch always
 - detection (SSDLite): images in [0, 1] at ``size`` x ``size`` -> ``boxes`` [B, A, 4] (decoded, xyxy input pixels)
   and ``scores`` [B, A, C] (class probabilities), as ``SSDLite.forward_batch``. Per-class top-k and NMS are the
   post-step ``SSDLite.select(boxes[i], scores[i], original_size)`` on the ONNX Runtime outputs.
-- segmentation (LR-ASPP): ImageNet-normalised images -> ``logits`` [B, C, H, W]; H and W are dynamic with global
+- segmentation (LR-ASPP): normalised images -> ``logits`` [B, C, H, W]; H and W are dynamic with global
   pooling and fixed at the export size with ``pooling="large_kernel"`` (its kernel depends on the size).
-- backbone (a ``features_only`` model): ImageNet-normalised images -> ``features0``, ``features1``, ...; H, W dynamic.
+- backbone (a ``features_only`` model): normalised images -> ``features0``, ``features1``, ...; H, W dynamic.
+- classifier (a registered backbone with its head): normalised images -> ``logits`` [B, classes].
+
+"Normalised" means with the statistics the model carries (:func:`normalizer`).
 """
 from __future__ import annotations
 
@@ -24,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..detection.coco import CocoDetection, builtin_coco
-from ..segmentation.cityscapes import Cityscapes, builtin_cityscapes
+from mbbackbones import MobileNet
+
+from ..backbone import Normalize
 from ..segmentation.lraspp import LargeKernelAvgPool
 
 OPSET = 17
-DEFAULT_SIZES = {"detection": None, "segmentation": (512, 1024), "backbone": (224, 224)}  # detection: model.size
+DEFAULT_SIZES = {"detection": None, "segmentation": (512, 1024), "backbone": (224, 224), "classifier": (224, 224)}
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -63,8 +66,18 @@ def _network(model) -> nn.Module:
 
 
 def model_kind(model: nn.Module) -> str:
-    """'detection', 'segmentation' (the model's ``task``) or 'backbone' (a ``features_only`` network)."""
-    return getattr(model, "task", "backbone")
+    """'detection', 'segmentation' (the model's ``task``), 'classifier' (a registered backbone with its head) or
+    'backbone' (a ``features_only`` network)."""
+    if hasattr(model, "task"):
+        return model.task
+    return "classifier" if isinstance(model, MobileNet) else "backbone"
+
+
+def normalizer(model: nn.Module) -> Normalize:
+    """The input normalisation of a model: a task model's own, else its backbone weights' (timm pretrained cfg)."""
+    if hasattr(model, "normalize"):
+        return model.normalize
+    return Normalize(model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
 
 
 def dynamic_size(model: nn.Module) -> bool:
@@ -99,7 +112,7 @@ def output_names(model: nn.Module) -> list[str]:
     kind = model_kind(model)
     if kind == "detection":
         return ["boxes", "scores"]
-    if kind == "segmentation":
+    if kind in ("segmentation", "classifier"):
         return ["logits"]
     return [f"features{i}" for i in range(len(model.feature_info.channels()))]
 
@@ -170,20 +183,26 @@ class OnnxModel:
 
 def model_input(model: nn.Module, image: np.ndarray, size: int | Sequence[int] | None = None) -> np.ndarray:
     """One RGB uint8 H x W x 3 image as the exported graph takes it: [1, 3, H, W] float32 at the export size,
-    in [0, 1] for detection, ImageNet-normalised otherwise."""
+    in [0, 1] for detection, normalised (:func:`normalizer`) otherwise."""
     height, width = export_size(model, size)
     x = torch.tensor(image).permute(2, 0, 1)[None].float().div(255)
     x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     if model_kind(model) != "detection":
-        x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(
-            1, 3, 1, 1)
+        normalize = normalizer(model)
+        x = normalize(x.to(normalize.mean.device)).cpu()
     return x.numpy()
 
 
 def builtin_images(kind: str) -> list[Path]:
     """Training images of the built-in dataset of a kind: street scenes for segmentation, shapes otherwise."""
     if kind == "segmentation":
+        from ..segmentation.builtin import builtin_cityscapes
+        from ..segmentation.cityscapes import Cityscapes
+
         return [image for image, _ in Cityscapes(builtin_cityscapes(), "train").files]
+    from ..detection.builtin import builtin_coco
+    from ..detection.coco import CocoDetection
+
     return sorted(CocoDetection(builtin_coco(), "train2017").image_dir.iterdir())
 
 

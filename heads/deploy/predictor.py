@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .. import registry
 from ..segmentation import inference as segment
-from ..segmentation.cityscapes import CLASS_NAMES
 from ..training.config import TrainConfig, load_config
 from ..training.engine import CHECKPOINT
 
@@ -93,6 +91,8 @@ def load_model(weights: str | Path, model: str | None = None, num_classes: int |
     kwargs = {**(config.model_kwargs if config else {}), **kwargs}
     network = registry.create_model(name, num_classes=num_classes, pretrained=str(path), **kwargs)
     if class_names is None:
+        from ..segmentation.cityscapes import CLASS_NAMES
+
         segmentation = network.task == "segmentation" and network.num_classes == len(CLASS_NAMES)
         class_names = list(CLASS_NAMES) if segmentation else [f"class {i}" for i in range(network.num_classes)]
     network = network.eval().to(resolve_device(device), memory_format=torch.channels_last)  # measured: 17-36% faster
@@ -173,11 +173,9 @@ class SegmentationPredictor(Predictor):
     def __init__(self, model: nn.Module, class_names: list[str], **inference):
         super().__init__(model, class_names)
         self.inference = inference
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(3, 1, 1)  # as heads.cityscapes
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(3, 1, 1)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return ((image - self.mean) / self.std)[None]
+        return self.model.normalize(image[None])
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         return segment.predict(self.model, batch, **self.inference)

@@ -1,4 +1,5 @@
-"""COCO box evaluation: detections to the results format, results files, and COCOeval metrics.
+"""COCO box evaluation: detections to the results format, results files, COCOeval metrics, and the loop that
+scores a model on a dataset.
 
 Two backends give the same 12 numbers, up to float64 rounding: ``pycocotools`` (the reference) and
 ``faster_coco_eval`` (a C++ port: ``pip install faster-coco-eval``, or the project's ``fast`` extra).
@@ -10,15 +11,19 @@ import functools
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 from pycocotools.cocoeval import COCOeval
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_convert
+from tqdm import tqdm
+
+from ..files import atomic_write
+from .coco import collate_detection
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("pycocotools", "faster_coco_eval")
@@ -80,16 +85,8 @@ def to_coco_results(
 
 def save_results(results: list[dict], path: str | os.PathLike) -> None:
     """Write a results JSON (the test-dev submission format) atomically: temp file, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(results, file, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_write(path, "w") as file:
+        json.dump(results, file, separators=(",", ":"))
 
 
 def load_results(path: str | os.PathLike) -> list[dict]:
@@ -205,3 +202,33 @@ def _per_class(cocoeval, coco_gt) -> list[tuple[str, float, float]]:
 def _mean_valid(precision: np.ndarray) -> float:
     valid = precision[precision > -1]
     return float(valid.mean()) if valid.size else -1.0
+
+
+@torch.no_grad()
+def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None,
+                       workers: int = 0):
+    """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
+    model.eval()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size,
+                                         num_workers=workers, collate_fn=collate_detection)
+    detections, image_ids = [], []
+    for images, targets in tqdm(loader, desc="evaluate", leave=False):
+        outputs = model([image.to(device) for image in images])
+        detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+        image_ids += [target["image_id"] for target in targets]
+    return detections, image_ids
+
+
+def evaluate_model(model: nn.Module, dataset, device, batch_size: int = 8, limit: int | None = None,
+                   workers: int = 0, backend: str = "pycocotools", output: Path | None = None) -> CocoMetrics:
+    """COCO box metrics of ``model`` on the first ``limit`` images of a ``CocoDetection`` dataset; with
+    ``output``, ``detections.json``, ``metrics.txt`` and ``metrics.json`` are written there."""
+    detections, image_ids = predict_detections(model, dataset, batch_size, device, limit, workers)
+    results = to_coco_results(detections, image_ids, dataset.label_to_category)
+    metrics = evaluate(dataset.coco, results, backend=backend, image_ids=image_ids)
+    if output is not None:
+        save_results(results, Path(output) / "detections.json")
+        (Path(output) / "metrics.txt").write_text(metrics.summary + "\n\n" + metrics.per_class_table() + "\n")
+        (Path(output) / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1))
+    return metrics

@@ -17,7 +17,7 @@ from torchvision.ops import batched_nms, box_iou
 from mbbackbones.checkpoint import CheckpointError, convert
 from mbbackbones.layers import ConvNormAct
 
-from ..backbone import create_backbone, normal_init
+from ..backbone import Normalize, create_backbone
 
 
 def extra_block(in_channels: int, out_channels: int, norm) -> nn.Sequential:
@@ -25,6 +25,15 @@ def extra_block(in_channels: int, out_channels: int, norm) -> nn.Sequential:
     mid = out_channels // 2
     conv = partial(ConvNormAct, act="relu6", norm=norm)
     return nn.Sequential(conv(in_channels, mid), conv(mid, mid, 3, stride=2, groups=mid), conv(mid, out_channels))
+
+
+def normal_init(module: nn.Module, std: float = 0.03) -> None:
+    """torchvision's SSDLite initialisation of conv layers (normal weights, zero bias)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, mean=0.0, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class SSDLite(nn.Module):
@@ -73,8 +82,7 @@ class SSDLite(nn.Module):
         self.neg_to_pos_ratio = neg_to_pos_ratio
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(image_mean, image_std)
         self._anchors: dict[tuple, Tensor] = {}
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None):
@@ -108,7 +116,7 @@ class SSDLite(nn.Module):
 
     def predict(self, batch: Tensor) -> dict[str, Tensor]:
         """Raw head outputs for images in [0, 1] at the model size: box deltas [B, A, 4], logits [B, A, C]."""
-        x = (batch - self.image_mean) / self.image_std
+        x = self.normalize(batch)
         features = self.backbone(x)
         x = features[-1]
         for block in self.extra:

@@ -1,5 +1,6 @@
-"""Segmentation scores as the Cityscapes benchmark computes them: a confusion matrix over train ids, class and
-category IoU, label-id result files and a parity hook into cityscapesScripts' own evaluator."""
+"""Segmentation evaluation as the Cityscapes benchmark computes it: a confusion matrix over train ids, class and
+category IoU, label-id result files, a parity hook into cityscapesScripts' own evaluator, and the loop that
+scores a model on a dataset."""
 from __future__ import annotations
 
 import copy
@@ -11,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
 from PIL import Image
+from torch import nn
+from tqdm import tqdm
 
 from ..data import DataError
 from ..visualize import overlay_mask
 from .cityscapes import CATEGORIES, CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE, TRAIN_ID_TO_ID, read_label_ids
+from .inference import predict
 
 PREDICTION_SUFFIX = "_labelIds.png"  # <city>_<seq>_<frame>_labelIds.png: matches the official "<stem>*.png" search
 
@@ -149,6 +152,8 @@ class ConfusionMatrix:
 
 def plot_confusion(matrix, class_names, path: str | Path) -> Path:
     """Save the row-normalised confusion matrix (the share of each ground-truth class per prediction) as a PNG."""
+    from matplotlib.figure import Figure
+
     matrix = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
     rows = matrix.sum(1, keepdims=True)
     shares = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -230,3 +235,28 @@ def official_scores(pred_files, gt_files) -> dict:
         "category_iou": {name: result["categoryScores"][name] for name in dict.fromkeys(CATEGORIES)},
         "category_miou": result["averageScoreCategories"],
     }
+
+
+def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, output: Path | None = None,
+                   write: bool = False, workers: int = 0, **options) -> SegMetrics:
+    """Confusion-matrix metrics of ``model`` on ``dataset`` (images decoded by ``workers`` processes, ``options``
+    for :func:`heads.segmentation.inference.predict`); with ``output``, the tables and the confusion PNG are
+    written there, and with ``write`` also label-id predictions and colourised overlays."""
+    model.eval()
+    confusion = ConfusionMatrix(class_names=dataset.class_names, ignore_index=dataset.ignore_index, device=device)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), num_workers=workers)
+    for index, (image, mask) in enumerate(tqdm(loader, desc="evaluate", leave=False)):
+        pred = predict(model, model.normalize(image.to(device)), **options)[0].argmax(0)
+        confusion.update(pred, mask[0].to(device))
+        if write and output is not None:
+            write_predictions(pred.cpu().numpy(), dataset.stems[index], Path(output) / "predictions",
+                              image=dataset.load(index)[0])
+    metrics = confusion.compute()
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "metrics.txt").write_text(metrics.table() + "\n")
+        (output / "metrics.json").write_text(metrics.to_json())
+        plot_confusion(metrics.confusion, dataset.class_names, output / "confusion.png")
+    return metrics

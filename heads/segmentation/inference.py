@@ -1,15 +1,13 @@
-"""Segmentation inference (whole image or sliding window, flip and multi-scale) and dataset evaluation."""
+"""Segmentation inference: whole image or sliding window, with flip and multi-scale averaging."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from .evaluate import ConfusionMatrix, SegMetrics, plot_confusion, write_predictions
+from mbbackbones.choices import check_choice
 
 MODES = ("whole", "slide")
 
@@ -37,8 +35,7 @@ def sliding_window(model: nn.Module, images: Tensor, crop: Sequence[int], stride
 def predict(model: nn.Module, images: Tensor, mode: str = "whole", crop: Sequence[int] = (512, 1024),
             stride: Sequence[int] | None = None, flip: bool = False, scales: Sequence[float] = (1.0,)) -> Tensor:
     """Class probabilities ``[B, C, H, W]`` averaged over scales and (optionally) horizontal flips."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not supported; choose one of {', '.join(MODES)}")
+    check_choice("mode", mode, MODES)
     stride = stride or [c * 2 // 3 for c in crop]
     height, width = images.shape[-2:]
     total = 0
@@ -53,28 +50,3 @@ def predict(model: nn.Module, images: Tensor, mode: str = "whole", crop: Sequenc
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
             total = total + logits.softmax(1)
     return total / (len(scales) * (2 if flip else 1))
-
-
-def evaluate(model: nn.Module, dataset, device, limit: int | None = None, output: Path | None = None,
-             write: bool = False, workers: int = 0, **inference) -> SegMetrics:
-    """Confusion-matrix metrics of ``model`` on ``dataset`` (images decoded by ``workers`` processes); with
-    ``output``, the tables and the confusion PNG are written there, and with ``write`` also label-id
-    predictions and colourised overlays."""
-    model.eval()
-    confusion = ConfusionMatrix(class_names=dataset.class_names, ignore_index=dataset.ignore_index, device=device)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), num_workers=workers)
-    for index, (image, mask) in enumerate(tqdm(loader, desc="evaluate", leave=False)):
-        pred = predict(model, image.to(device), **inference)[0].argmax(0)
-        confusion.update(pred, mask[0].to(device))
-        if write and output is not None:
-            write_predictions(pred.cpu().numpy(), dataset.stems[index], Path(output) / "predictions",
-                              image=dataset.load(index)[0])
-    metrics = confusion.compute()
-    if output is not None:
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "metrics.txt").write_text(metrics.table() + "\n")
-        (output / "metrics.json").write_text(metrics.to_json())
-        plot_confusion(metrics.confusion, dataset.class_names, output / "confusion.png")
-    return metrics

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbbackbones.checkpoint import CheckpointError, convert
+from mbbackbones.choices import check_choice
 from mbbackbones.layers import ConvNormAct
 
-from ..backbone import create_backbone
+from ..backbone import Normalize, create_backbone
 
 POOLINGS = ("global", "large_kernel")
 # torchvision LRASPPHead layers -> ours
@@ -71,6 +72,9 @@ class LRASPPHead(nn.Module):
 class LRASPP(nn.Module):
     """Lite R-ASPP: normalised images [B, 3, H, W] -> class logits [B, num_classes, H, W].
 
+    As torchvision's, ``forward`` takes images normalised with the statistics of the backbone's weights;
+    ``model.normalize`` turns images in [0, 1] (or uint8) into them.
+
     The low branch reads the backbone's stride-8 'downsample' tap (the output of the first block at
     stride 8, as torchvision's ``lraspp_mobilenet_v3_large``), the high branch its last conv (C5, at
     ``output_stride``).
@@ -93,14 +97,14 @@ class LRASPP(nn.Module):
                  inter_channels: int = 128, pooling: str = "global", pool_kernel: tuple[int, int] = (49, 49),
                  pool_stride: tuple[int, int] = (16, 20), output_stride: int = 16, **backbone_kwargs):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {', '.join(map(repr, POOLINGS))}")
+        check_choice("pooling", pooling, POOLINGS)
         self.backbone = create_backbone(backbone, pretrained_backbone, output_stride=output_stride,
                                         feature_location="downsample", out_indices=(2, 4), **backbone_kwargs)
         low_channels, high_channels = self.backbone.feature_info.channels()
         pool = nn.AdaptiveAvgPool2d(1) if pooling == "global" else LargeKernelAvgPool(pool_kernel, pool_stride)
         self.head = LRASPPHead(low_channels, high_channels, num_classes, inter_channels, pool)
         self.num_classes = num_classes
+        self.normalize = Normalize(self.backbone.pretrained_cfg["mean"], self.backbone.pretrained_cfg["std"])
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from mbbackbones.choices import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -86,9 +87,7 @@ def _check_type(name: str, value, source: str):
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(FIELDS)}")
+    return ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, FIELDS)} Valid keys: {', '.join(FIELDS)}")
 
 
 def make_config(values: dict, source: str = "config") -> TrainConfig:

@@ -21,48 +21,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
+from mbbackbones.choices import check_choice
+
 from ..data import sample_seed
+from ..files import atomic_write
 from .config import TrainConfig, to_dict
+from .logs import plot_log, read_log
+from .sampler import StepSampler
 
 CHECKPOINT = "last.pt"
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Micro-batches of ``(index, seed)`` for one process, laid out so that runs agree step by step.
-
-    Each epoch shuffles with ``(seed, epoch)``; optimizer step ``s`` takes the slice ``s`` of
-    ``world * accumulate * batch_size`` indices and process ``r`` gets micro-batches
-    ``r * accumulate ... r * accumulate + accumulate - 1`` of it. A 2-process run and a 1-process run
-    with ``accumulate=2`` therefore see the same micro-batches, and ``start_step`` resumes mid-epoch.
-    Each sample carries its own augmentation seed (run seed, epoch, index).
-    """
-
-    def __init__(self, size: int, batch_size: int, accumulate: int = 1, world: int = 1, rank: int = 0,
-                 seed: int = 0):
-        self.size, self.batch_size, self.accumulate, self.world, self.rank = size, batch_size, accumulate, world, rank
-        self.seed, self.epoch, self.start_step = seed, 0, 0
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"dataset of {size} samples is smaller than one global batch of "
-                             f"{batch_size * accumulate * world}; lower batch_size or accumulate")
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.size // (self.batch_size * self.accumulate * self.world)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        step_size = self.batch_size * self.accumulate * self.world
-        for step in range(self.start_step, self.steps_per_epoch):
-            for micro in range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate):
-                start = step * step_size + micro * self.batch_size
-                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in order[start:start + self.batch_size]]
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accumulate
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, kind: str) -> float:
@@ -109,21 +77,13 @@ class Distributed:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, world: int) -> torch.optim.Optimizer:
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     lr = cfg.lr * cfg.global_batch * world / cfg.lr_batch
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer in ("adam", "adamw"):
-        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer={cfg.optimizer!r} is not supported; choose sgd, adam or adamw")
-
-
-def save_atomic(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -182,7 +142,8 @@ class Trainer:
 
     def save(self) -> None:
         if self.env.main:
-            save_atomic(self.state(), self.output / CHECKPOINT)
+            with atomic_write(self.output / CHECKPOINT) as file:
+                torch.save(self.state(), file)
 
     def load(self, path: str) -> None:
         path = Path(path)
@@ -312,60 +273,3 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
-
-
-def read_log(log: Path) -> list[dict]:
-    """The records of ``log.jsonl``, without a line that a killed process left half-written."""
-    records = []
-    for line in log.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def plot_log(log: Path, path: Path, metric: str) -> None:
-    """Loss per step and the main evaluation metric per epoch, from ``log.jsonl``, as a PNG."""
-    from matplotlib.figure import Figure
-
-    records = read_log(log)
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r and metric in r["eval"]]
-    figure = Figure(figsize=(10, 4))
-    left, right = figure.subplots(1, 2)
-    left.plot([r["step"] for r in train], [r["loss"] for r in train])
-    left.set(xlabel="step", ylabel="training loss", yscale="log")
-    right.plot([r["step"] for r in evals], [r["eval"][metric] for r in evals], marker="o")
-    right.set(xlabel="step", ylabel=metric)
-    figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None, task: str = "detection") -> dict:
-    """Command line of ``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``."""
-    import argparse
-
-    from .config import load_config
-    from .tasks import get_task
-
-    parser = argparse.ArgumentParser(description=f"Train a {task} model. Any config key can be overridden "
-                                                 "with --key value (see heads/config.py for the list).")
-    parser.add_argument("--config", help="YAML file with TrainConfig keys")
-    parser.add_argument("--resume", help="checkpoint (or run folder) to continue exactly; 'auto': the output's")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides, task=task, **get_task(task).defaults)
-        resume = args.resume
-        if resume == "auto":
-            resume = str(Path(cfg.output) / CHECKPOINT) if (Path(cfg.output) / CHECKPOINT).is_file() else None
-        trainer = Trainer(cfg, get_task(cfg.task), resume=resume)
-        metrics = trainer.fit()
-    except (ValueError, FileNotFoundError) as error:  # config, data and checkpoint errors: one line, no traceback
-        parser.exit(2, f"error: {error}\n")
-    if trainer.env.main:
-        print(f"done: {trainer.step} steps; checkpoint {trainer.output / CHECKPOINT}; "
-              f"{trainer.task.main_metric} = {metrics.get(trainer.task.main_metric, float('nan')):.4f}")
-    return metrics

@@ -1,16 +1,15 @@
 """What the training engine needs to know about each task: datasets, model, loss and evaluation."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .. import registry
 from .config import TrainConfig
+from .engine import unwrap
 
 
 def _moved(targets, device):
@@ -49,7 +48,8 @@ class DetectionTask(Task):
 
     @staticmethod
     def datasets(cfg: TrainConfig):
-        from ..detection.coco import CocoDetection, builtin_coco
+        from ..detection.builtin import builtin_coco
+        from ..detection.coco import CocoDetection
         from ..detection.transforms import SSDTrainTransform
 
         policies = DetectionTask.policies
@@ -80,36 +80,12 @@ class DetectionTask(Task):
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
         """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images)."""
-        from ..detection.evaluate import evaluate, save_results, to_coco_results
+        from ..detection.evaluate import evaluate_model
 
-        detections, image_ids = predict_detections(model, dataset, cfg.batch_size, device, cfg.eval_limit,
-                                                   cfg.workers)
-        results = to_coco_results(detections, image_ids, dataset.label_to_category)
-        metrics = evaluate(dataset.coco, results, backend=cfg.eval_backend, image_ids=image_ids)
-        if output is not None:
-            save_results(results, Path(output) / "detections.json")
-            (Path(output) / "metrics.txt").write_text(metrics.summary + "\n\n" + metrics.per_class_table() + "\n")
-            (Path(output) / "metrics.json").write_text(json.dumps(metrics.to_json(), indent=1))
+        metrics = evaluate_model(model, dataset, device, cfg.batch_size, cfg.eval_limit, cfg.workers,
+                                 cfg.eval_backend, output)
         print(metrics.summary)
         return metrics.stats
-
-
-@torch.no_grad()
-def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None,
-                       workers: int = 0):
-    """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
-    from ..detection.coco import collate_detection
-
-    model.eval()
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size,
-                                         num_workers=workers, collate_fn=collate_detection)
-    detections, image_ids = [], []
-    for images, targets in tqdm(loader, desc="evaluate", leave=False):
-        outputs = model([image.to(device) for image in images])
-        detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
-        image_ids += [target["image_id"] for target in targets]
-    return detections, image_ids
 
 
 class SegmentationTask(Task):
@@ -124,7 +100,9 @@ class SegmentationTask(Task):
 
     @staticmethod
     def datasets(cfg: TrainConfig):
-        from ..segmentation.cityscapes import Cityscapes, SegTrainTransform, builtin_cityscapes
+        from ..segmentation.builtin import builtin_cityscapes
+        from ..segmentation.cityscapes import Cityscapes
+        from ..segmentation.transforms import SegTrainTransform
 
         Task.check_dataset(cfg, {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""},
                            ("default", "none"))
@@ -139,18 +117,18 @@ class SegmentationTask(Task):
     @staticmethod
     def losses(model: nn.Module, batch, device) -> dict:
         images, masks = batch
-        logits = model(images.to(device, non_blocking=True))
+        logits = model(unwrap(model).normalize(images.to(device, non_blocking=True)))
         return {"cross_entropy": F.cross_entropy(logits.float(), masks.to(device), ignore_index=255)}
 
     @staticmethod
     def forward_images(model: nn.Module, batch, device) -> None:
-        model(batch[0].to(device))
+        model(unwrap(model).normalize(batch[0].to(device)))
 
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
-        from ..segmentation.inference import evaluate
+        from ..segmentation.evaluate import evaluate_model
 
-        metrics = evaluate(model, dataset, device, limit=cfg.eval_limit, output=output, workers=cfg.workers)
+        metrics = evaluate_model(model, dataset, device, limit=cfg.eval_limit, output=output, workers=cfg.workers)
         print(metrics.table())
         return {"mIoU": metrics.miou, "category_mIoU": metrics.category_miou,
                 "pixel_accuracy": metrics.pixel_accuracy}

@@ -3,12 +3,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REAL, randomize_batchnorm
+from conftest import randomize_batchnorm
 from PIL import Image
 from torch import nn
 from torchvision.ops import box_iou
 
 import mbbackbones
+from heads.assets import SAMPLE_IMAGES
 from heads.backbone import create_backbone
 from heads.cli import export_main, infer_main
 from heads.data import read_image
@@ -39,7 +40,7 @@ def spread(model: nn.Module) -> nn.Module:
 
 
 def image_batch(model: nn.Module, size) -> torch.Tensor:
-    images = [read_image(REAL / name) for name in ("color.jpg", "3dogs.jpg")]
+    images = [read_image(SAMPLE_IMAGES[name]) for name in ("kitten", "3dogs")]
     return torch.from_numpy(np.concatenate([export.model_input(model, image, size) for image in images]))
 
 
@@ -56,11 +57,11 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def detector_files(weights, tmp_path_factory):
+def detector_files(weights, tmp_path_factory, photos):
     """tools/export.py on the detector, with --int8 calibrated on the three real sample photos."""
     out = tmp_path_factory.mktemp("onnx") / "ssdlite.onnx"
     files = export_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, "--out", str(out), "--int8",
-                         "--calibration", str(REAL), "--calibration-images", "3"])
+                         "--calibration", str(photos), "--calibration-images", "3"])
     assert files == [out, out.with_suffix(".int8.onnx")]
     return files
 
@@ -105,10 +106,10 @@ def test_fold_batchnorm_rejects_a_batchnorm_without_a_conv():
         export.fold_batchnorm(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
 
 
-def test_backbone_export_has_a_dynamic_batch_and_size(weights, tmp_path, capsys):
+def test_backbone_export_has_a_dynamic_batch_and_size(weights, tmp_path, capsys, photos):
     out = tmp_path / "backbone.onnx"
     export_main(["--backbone", BACKBONE, "--backbone-weights", str(weights[BACKBONE]), "--out", str(out),
-                 "--size", "96", "--calibration", str(REAL)])
+                 "--size", "96", "--calibration", str(photos)])
     assert "max |ONNX Runtime - PyTorch| features0" in capsys.readouterr().out
     model = create_backbone(BACKBONE, weights[BACKBONE]).eval()
     onnx_model = export.OnnxModel(out)
@@ -136,10 +137,10 @@ def test_ssdlite_export_gives_the_same_boxes_scores_and_detections(weights, dete
         onnx_model(torch.rand(1, 3, 256, 256))
 
 
-def test_lraspp_export_takes_any_size(weights, tmp_path):
+def test_lraspp_export_takes_any_size(weights, tmp_path, photos):
     out = tmp_path / "lraspp.onnx"
     export_main(["--weights", str(weights[SEGMENTER]), "--model", SEGMENTER, "--out", str(out), "--size", "64", "128",
-                 "--calibration", str(REAL), "--calibration-images", "2"])
+                 "--calibration", str(photos), "--calibration-images", "2"])
     model = load_model(weights[SEGMENTER], SEGMENTER).model
     onnx_model = export.OnnxModel(out)
     assert opset(out) >= 17
@@ -170,21 +171,21 @@ def test_int8_model_keeps_the_top_detections(weights, detector_files):
 
 
 @pytest.mark.parametrize("name", [DETECTOR, SEGMENTER])
-def test_infer_onnxruntime_draws_what_pytorch_draws(name, weights, detector_files, tmp_path):
-    common = ["--weights", str(weights[name]), "--model", name, str(REAL), "--score-thresh", "0.2"]
+def test_infer_onnxruntime_draws_what_pytorch_draws(name, weights, detector_files, tmp_path, photos):
+    common = ["--weights", str(weights[name]), "--model", name, str(photos), "--score-thresh", "0.2"]
     infer_main([*common, "--out", str(tmp_path / "pytorch")])
     onnx_file = detector_files[0] if name == DETECTOR else None  # the segmenter is exported on the fly
     infer_main([*common, "--out", str(tmp_path / "onnxruntime"), "--backend", "onnxruntime",
                 *(["--onnx", str(onnx_file)] if onnx_file else [])])
     pictures = sorted(p.name for p in (tmp_path / "pytorch").iterdir())
-    assert pictures == ["3dogs.png", "color.png", "gray.png"]
+    assert pictures == ["3dogs.png", "gray.png", "kitten.png"]
     assert sorted(p.name for p in (tmp_path / "onnxruntime").iterdir()) == pictures
     for picture in pictures:
         ours, theirs = (np.asarray(Image.open(tmp_path / backend / picture)) for backend in ("pytorch", "onnxruntime"))
         assert (ours != theirs).any(-1).mean() < 0.001
 
     loaded = load_model(weights[name], name)
-    image = read_image(REAL / "3dogs.jpg")
+    image = read_image(SAMPLE_IMAGES["3dogs"])
     expected, got = make_predictor(loaded)(image)[0], make_predictor(loaded, "onnxruntime", onnx_file)(image)[0]
     if name == DETECTOR:
         assert agreement(got, expected, iou=0.999) >= 0.99
@@ -192,9 +193,9 @@ def test_infer_onnxruntime_draws_what_pytorch_draws(name, weights, detector_file
         assert (got == expected).mean() > 0.999
 
 
-def test_onnx_file_needs_the_onnxruntime_backend(weights, detector_files, tmp_path, capsys):
+def test_onnx_file_needs_the_onnxruntime_backend(weights, detector_files, tmp_path, capsys, photos):
     with pytest.raises(SystemExit):
-        infer_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, str(REAL), "--out", str(tmp_path),
+        infer_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, str(photos), "--out", str(tmp_path),
                     "--onnx", str(detector_files[0])])
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "needs backend='onnxruntime'" in error

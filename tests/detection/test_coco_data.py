@@ -14,7 +14,8 @@ from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
 from heads.data import DataError
-from heads.detection.coco import CocoDetection, builtin_coco, collate_detection
+from heads.detection.builtin import builtin_coco
+from heads.detection.coco import CocoDetection, collate_detection
 from heads.detection.transforms import MEAN_FILL, RandomIoUCrop, RandomZoomOut, SSDTrainTransform
 
 REAL_SAMPLE = REAL / "coco_sample"

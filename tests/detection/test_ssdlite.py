@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 from benchmarking.workloads import calibrated_torchvision_detector
-from conftest import REAL
 from PIL import Image
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops import batched_nms
 
 import heads
+from heads.assets import SAMPLE_IMAGES
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.profile import count_madds, count_params
 
@@ -25,8 +25,8 @@ EXPECTED = {
 
 
 def real_images():
-    return [torch.from_numpy(np.array(Image.open(REAL / name).convert("RGB"))).permute(2, 0, 1).float() / 255
-            for name in ("3dogs.jpg", "color.jpg")]
+    return [torch.from_numpy(np.array(Image.open(SAMPLE_IMAGES[name]).convert("RGB"))).permute(2, 0, 1).float() / 255
+            for name in ("3dogs", "kitten")]
 
 
 @pytest.fixture(scope="module")

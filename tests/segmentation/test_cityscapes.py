@@ -12,6 +12,7 @@ from conftest import REAL
 from PIL import Image
 
 from heads.data import DataError
+from heads.segmentation.builtin import builtin_cityscapes
 from heads.segmentation.cityscapes import (
     CATEGORIES,
     CLASS_NAMES,
@@ -19,9 +20,8 @@ from heads.segmentation.cityscapes import (
     PALETTE,
     TRAIN_ID_TO_ID,
     Cityscapes,
-    SegTrainTransform,
-    builtin_cityscapes,
 )
+from heads.segmentation.transforms import SegTrainTransform
 
 REAL_SAMPLE = REAL / "cityscapes_sample"
 REAL_STEM = "frankfurt_000000_000294"
@@ -78,11 +78,10 @@ def test_dataset_items(builtin):
     dataset = Cityscapes(builtin, "val")
     assert len(dataset) == 3 and dataset.stems == [f"synthfurt_000000_{i:06d}" for i in range(3)]
     image, mask = dataset[0]
-    assert image.shape == (3, 96, 192) and image.dtype == torch.float32 and mask.shape == (96, 192)
+    assert image.shape == (3, 96, 192) and image.dtype == torch.uint8 and mask.shape == (96, 192)
     assert mask.dtype == torch.int64 and set(mask.unique().tolist()) <= set(range(19)) | {255}
     raw_image, raw_mask = dataset.load(0)
-    expected = (torch.tensor(raw_image).permute(2, 0, 1) / 255 - dataset.mean) / dataset.std
-    torch.testing.assert_close(image, expected)
+    assert torch.equal(image, torch.tensor(raw_image).permute(2, 0, 1))
     assert (mask.numpy() == raw_mask).all()
 
 

@@ -13,7 +13,8 @@ from cityscapesscripts.helpers.csHelpers import getCsFileInfo
 from PIL import Image
 
 from heads.data import DataError
-from heads.segmentation.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID, Cityscapes, builtin_cityscapes
+from heads.segmentation.builtin import builtin_cityscapes
+from heads.segmentation.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID, Cityscapes
 from heads.segmentation.evaluate import (
     ConfusionMatrix,
     evaluate_folder,

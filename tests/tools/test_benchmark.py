@@ -9,13 +9,13 @@ import timm
 import torch
 from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS
 from benchmarking.workloads import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
-from conftest import REAL
 
+from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
 from mbbackbones.profile import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
-PHOTOS = [read_image(REAL / name) for name in ("3dogs.jpg", "color.jpg")]
+PHOTOS = [read_image(SAMPLE_IMAGES[name]) for name in ("3dogs", "kitten")]
 
 
 @pytest.mark.parametrize("name", sorted(COUNTERPARTS))
@@ -76,6 +76,7 @@ def test_deployment_rows_do_the_same_work():
     assert int8.shape == expected.shape
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: two OpenMP threads on a CPU shared with other jobs can run 100x slower

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mbbackbones
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +22,7 @@ def test_model_table_prints_every_model():
         result.stdout)
 
 
+@pytest.mark.slow
 def test_readme_demo_trains_and_prints_the_coco_table(tmp_path):
     """The README's demo (SSDLite on the built-in dataset), cut short: it trains, evaluates, plots, saves."""
     readme = (ROOT / "README.md").read_text()
@@ -37,6 +40,7 @@ def test_readme_demo_trains_and_prints_the_coco_table(tmp_path):
     assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("last.pt", "plot.png", "detections.json"))
 
 
+@pytest.mark.slow
 def test_segmentation_demo_config_trains_briefly(tmp_path):
     env = {**os.environ, "MBBACKBONES_DATA": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "tools/train_seg.py", "--config", "configs/lraspp_mbv3_large_builtin.yaml",

@@ -10,10 +10,12 @@ from PIL import Image
 from heads.cli import eval_det_main, eval_seg_main, infer_main
 from heads.data import read_image
 from heads.deploy.predictor import load_model, make_predictor
-from heads.detection.coco import CocoDetection, builtin_coco
+from heads.detection.builtin import builtin_coco
+from heads.detection.coco import CocoDetection
 from heads.detection.evaluate import load_results
 from heads.segmentation import inference as segment
-from heads.segmentation.cityscapes import PALETTE, Cityscapes, builtin_cityscapes
+from heads.segmentation.builtin import builtin_cityscapes
+from heads.segmentation.cityscapes import PALETTE, Cityscapes
 from heads.segmentation.evaluate import PREDICTION_SUFFIX
 from heads.training.config import make_config
 from heads.training.engine import Trainer
@@ -145,7 +147,7 @@ def test_segmentation_predictor_matches_evaluation(seg_run):
     predictor = make_predictor(load_model(seg_run), flip=True)
     dataset = Cityscapes(builtin_cityscapes(), "val")
     mask, _ = predictor(dataset.load(0)[0])
-    expected = segment.predict(predictor.model, dataset[0][0][None], flip=True)[0].argmax(0)
+    expected = segment.predict(predictor.model, predictor.model.normalize(dataset[0][0][None]), flip=True)[0].argmax(0)
     assert mask.dtype == np.uint8 and (torch.from_numpy(mask).long() == expected).float().mean() > 0.999
 
 

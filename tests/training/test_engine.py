@@ -24,7 +24,7 @@ def tiny(tmp_path, data_root, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from heads.detection.coco import builtin_coco
+    from heads.detection.builtin import builtin_coco
 
     return builtin_coco(tmp_path_factory.mktemp("data") / "builtin_coco")
 
@@ -109,6 +109,7 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path, data_root):
     config = tiny(tmp_path, data_root, max_steps=3, eval_limit=1)
     args = [token for k, v in config.items() if k != "output"

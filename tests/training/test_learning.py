@@ -1,4 +1,5 @@
 """Learning checks on real data, against torchvision's calibration runs (../shared/ANCHORS.md)."""
+import pytest
 import torch
 from conftest import REAL
 
@@ -11,6 +12,7 @@ from heads.training.engine import recalibrate_bn
 from heads.training.tasks import SegmentationTask
 
 
+@pytest.mark.slow
 def test_ssdlite_overfits_the_real_coco_image():
     """torchvision's ssdlite320 (random init) reaches AP 0.713 / AP50 1.0 here after 300 Adam steps
     (batch 2 = the image and its flip, lr 1e-3) in ~80 s; ours must reach AP >= 0.6, AP50 >= 0.95."""
@@ -35,6 +37,7 @@ def test_ssdlite_overfits_the_real_coco_image():
     assert metrics.stats["AP"] >= 0.6 and metrics.stats["AP50"] >= 0.95, metrics.summary
 
 
+@pytest.mark.slow
 def test_lraspp_overfits_the_real_cityscapes_frame():
     """torchvision's lraspp_mobilenet_v3_large (random init) reaches mIoU 0.739 over the 10 train ids of
     this frame after 200 Adam steps (batch 2 = the frame and its flip, lr 1e-3) with re-estimated BN."""
@@ -51,7 +54,7 @@ def test_lraspp_overfits_the_real_cityscapes_frame():
     recalibrate_bn(model, [batch], SegmentationTask, "cpu", 1)  # BN momentum 0.01 lags a 200-step fit
     confusion = ConfusionMatrix()
     with torch.no_grad():
-        confusion.update(model(image[None])[0].argmax(0), mask)
+        confusion.update(model(model.normalize(image[None]))[0].argmax(0), mask)
     metrics = confusion.compute()
     present = [CLASS_NAMES[i] for i in mask.unique().tolist() if i != 255]
     assert len(present) == 10

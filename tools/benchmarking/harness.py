@@ -21,6 +21,7 @@ from torch import nn
 
 from mbbackbones import ENTRIES, MODELS
 from mbbackbones.profile import count_madds, count_params
+from mbbackbones.registry import Reference
 
 # our name -> the reference build of the same architecture (equal params, checked by tests)
 COUNTERPARTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
@@ -47,15 +48,6 @@ FEATURE_ROWS = {
 EAGER_TARGET = 1.0  # PyTorch eager: ours at most as slow as the reference
 
 
-class Published(NamedTuple):
-    """Numbers published for the same configuration (a paper table or the reference's metadata)."""
-
-    source: str
-    params: float | None
-    madds_m: float | None
-    metric: float | None
-
-
 class Contender(NamedTuple):
     """One variant of ours on a workload: a call doing the work, the model's size and the speed target."""
 
@@ -76,7 +68,7 @@ class Workload(NamedTuple):
     reference: str
     reference_call: Callable[[], object]
     contenders: tuple[Contender, ...]
-    published: Published | None = None
+    published: Reference | None = None  # numbers published for the same configuration
     training: bool = False  # otherwise timed under inference mode
     warmup: int = 5
 
@@ -110,12 +102,10 @@ def contenders(name: str, model: nn.Module, inputs, extra: Iterable[str] = (),
                            **size) for label, variant in model_variants(model, extra).items())
 
 
-def paper_numbers(name: str) -> Published | None:
-    """The first paper reference of a registered backbone."""
-    for reference in ENTRIES[name].references:
-        if "paper" in reference.source:
-            return Published(reference.source, reference.params, reference.madds_m, reference.top1)
-    return None
+def published(entries, name: str) -> Reference | None:
+    """The first paper reference of a registered model of ``entries`` (mbbackbones' or heads'), else its first."""
+    references = entries[name].references
+    return next((r for r in references if "paper" in r.source), references[0] if references else None)
 
 
 def backbone_workloads(names: Iterable[str] | None = None, batches=(1, 8), size: int = 224,
@@ -130,7 +120,7 @@ def backbone_workloads(names: Iterable[str] | None = None, batches=(1, 8), size:
             reference_name, build = COUNTERPARTS[name]
             yield Workload("classify", reference=reference_name, reference_call=partial(build().eval(), image),
                            contenders=contenders(name, timm.create_model(name), image, extra),
-                           published=paper_numbers(name), **common)
+                           published=published(ENTRIES, name), **common)
         for name, (reference_name, build) in FEATURE_ROWS.items():
             if name in names and "features" in tasks:
                 ours = timm.create_model(name, features_only=True)

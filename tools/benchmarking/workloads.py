@@ -21,6 +21,7 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
+import mbbackbones
 from heads.registry import ENTRIES, create_model
 from heads.training.engine import recalibrate_bn
 from heads.training.tasks import DetectionTask, SegmentationTask
@@ -29,12 +30,11 @@ from mbbackbones.profile import count_madds, count_params
 from .harness import (
     EAGER_TARGET,
     Contender,
-    Published,
     Workload,
     backbone_workloads,
     contenders,
     model_variants,
-    paper_numbers,
+    published,
 )
 
 if TYPE_CHECKING:
@@ -72,11 +72,13 @@ QUICK = Settings(("mbv3_large_reduced", "mbv3_small"), 96, (1,), (240, 320), (0.
 
 
 class Logits(nn.Module):
-    """torchvision's segmentation output ``{"out": logits}`` as plain logits, like our segmenters."""
+    """torchvision's segmentation output ``{"out": logits}`` as plain logits, and its normalisation, like our
+    segmenters."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, normalize: nn.Module):
         super().__init__()
         self.model = model
+        self.normalize = normalize
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)["out"]
@@ -117,13 +119,6 @@ def from_torchvision(name: str, reference: nn.Module, **kwargs) -> nn.Module:
         return create_model(name, pretrained=path, **kwargs).eval()
 
 
-def published(name: str) -> Published:
-    """The first reference of a registered task model (a paper table where there is one)."""
-    reference = ENTRIES[name].references[0]
-    return Published(reference.source, reference.params, reference.madds_b and reference.madds_b * 1e3,
-                     reference.metric)
-
-
 def as_inputs(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Tensor]:
     """RGB uint8 H x W x 3 photos as detector inputs: 3 x ``size`` floats in [0, 1]."""
     return [F.interpolate(torch.tensor(image).permute(2, 0, 1)[None].float() / 255, size=size, mode="bilinear",
@@ -153,7 +148,7 @@ def detection_workloads(images: Sequence[np.ndarray], batches=(1, 8), size=(480,
         for batch in batches:
             inputs = [images_at_size[i % len(images_at_size)] for i in range(batch)]
             yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(reference, inputs),
-                           contenders(DETECTOR, ours, inputs, extra, DETECT_TARGET), published(DETECTOR),
+                           contenders(DETECTOR, ours, inputs, extra, DETECT_TARGET), published(ENTRIES, DETECTOR),
                            warmup=warmup)
 
 
@@ -161,12 +156,13 @@ def segmentation_workloads(shapes=(((512, 1024), (1,)),), extra: Sequence[str] =
                            warmup: int = 5) -> Iterator[Workload]:
     """LR-ASPP logits at full resolution, 19 classes (Cityscapes)."""
     torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
-    ours, reference = from_torchvision(SEGMENTER, torchvision, num_classes=19), Logits(torchvision).eval()
+    ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
+    reference = Logits(torchvision, ours.normalize).eval()
     for (height, width), batches in shapes:
         for batch in batches:
             image = torch.randn(batch, 3, height, width)
             yield Workload("segment", f"{width}x{height}", batch, TORCHVISION_SEGMENTER, partial(reference, image),
-                           contenders(SEGMENTER, ours, image, extra, EAGER_TARGET), published(SEGMENTER),
+                           contenders(SEGMENTER, ours, image, extra, EAGER_TARGET), published(ENTRIES, SEGMENTER),
                            warmup=warmup)
 
 
@@ -213,24 +209,17 @@ def training_workloads(detect_batch: int = 8, segment=((512, 1024), 2), extra: S
                     DetectionTask.losses, batch, "320x320", extra, warmup)
     (height, width), count = segment
     torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
-    batch = (torch.randn(count, 3, height, width), torch.randint(0, 19, (count, height, width)))
-    yield _training(SEGMENTER, from_torchvision(SEGMENTER, torchvision, num_classes=19), TORCHVISION_SEGMENTER,
-                    Logits(torchvision), SegmentationTask.losses, batch, f"{width}x{height}", extra, warmup)
+    batch = (torch.randint(0, 256, (count, 3, height, width), dtype=torch.uint8),
+             torch.randint(0, 19, (count, height, width)))
+    ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
+    yield _training(SEGMENTER, ours, TORCHVISION_SEGMENTER, Logits(torchvision, ours.normalize),
+                    SegmentationTask.losses, batch, f"{width}x{height}", extra, warmup)
 
 
 def onnx_detections(model: nn.Module, network: OnnxModel, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """SSDLite end to end with ONNX Runtime for the network: resize, exported graph, our ``select``."""
     boxes, scores = network(torch.stack([model.resize(image) for image in images]))
     return [model.select(b, s, tuple(image.shape[-2:])) for b, s, image in zip(boxes, scores, images)]
-
-
-def export_classifier(model: nn.Module, path: Path, size: int) -> Path:
-    """A classifier as ONNX (``images`` -> ``logits``, dynamic batch)."""
-    from heads.deploy.export import OPSET
-
-    torch.onnx.export(model.eval(), (torch.rand(1, 3, size, size),), str(path), dynamo=False, opset_version=OPSET,
-                      input_names=["images"], output_names=["logits"], dynamic_axes={"images": {0: "batch"}})
-    return path
 
 
 def onnx_contenders(name: str, model: nn.Module, fp32: Path, calibration: list[np.ndarray],
@@ -255,11 +244,12 @@ def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         name, ours, image = "mbv3_large", timm.create_model("mbv3_large").eval(), torch.rand(1, 3, *[classify_size] * 2)
-        sessions = onnx_contenders(name, ours, export_classifier(ours, folder / f"{name}.onnx", classify_size),
+        sessions = onnx_contenders(name, ours, export_onnx(ours, folder / f"{name}.onnx", classify_size),
                                    [model_input(ours, photo, classify_size) for photo in images], OnnxModel.__call__,
                                    image)
         yield Workload("deploy", f"{classify_size}x{classify_size}", 1, "torchvision mobilenet_v3_large",
-                       partial(mobilenet_v3_large().eval(), image), sessions, paper_numbers(name), warmup=warmup)
+                       partial(mobilenet_v3_large().eval(), image), sessions, published(mbbackbones.ENTRIES, name),
+                       warmup=warmup)
 
         for regime, background_logit in enumerate(background_logits):
             reference, ours, inputs, label = calibrated_pair(images, detect_size, background_logit)
@@ -267,7 +257,7 @@ def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224,
                                        [ours.resize(i)[None].numpy() for i in inputs],
                                        partial(onnx_detections, ours), inputs[:1], DEPLOY_TARGETS["detect"])
             yield Workload("deploy", label, 1, TORCHVISION_DETECTOR, partial(reference, inputs[:1]), sessions,
-                           published(DETECTOR), warmup=warmup)
+                           published(ENTRIES, DETECTOR), warmup=warmup)
 
         torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
         ours, image = from_torchvision(SEGMENTER, torchvision, num_classes=19), torch.randn(1, 3, *segment_size)
@@ -275,7 +265,8 @@ def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224,
                                    [model_input(ours, photo, segment_size) for photo in images], OnnxModel.__call__,
                                    image, DEPLOY_TARGETS["segment"])
         yield Workload("deploy", f"{segment_size[1]}x{segment_size[0]}", 1, TORCHVISION_SEGMENTER,
-                       partial(Logits(torchvision).eval(), image), sessions, published(SEGMENTER), warmup=warmup)
+                       partial(Logits(torchvision, ours.normalize).eval(), image), sessions,
+                       published(ENTRIES, SEGMENTER), warmup=warmup)
 
 
 def workloads(tasks: Sequence[str], settings: Settings, images: Sequence[np.ndarray],

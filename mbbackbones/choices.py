@@ -1,0 +1,20 @@
+"""The one did-you-mean check used for every named choice (models, arguments, config keys and values)."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(value, choices: Iterable) -> str:
+    """`` Did you mean 'x'?`` for the choice closest to ``value``, or an empty string."""
+    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_choice(name: str, value, choices: Iterable) -> None:
+    """Raise ``ValueError('name=value is not supported; choose one of ...')`` unless ``value`` is a choice."""
+    choices = tuple(choices)
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        message = f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}"
+        raise ValueError(message + (f".{hint}" if hint else ""))
