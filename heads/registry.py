@@ -89,5 +89,24 @@ def create_model(name: str, num_classes: int | None = None, pretrained: str | No
             first = (missing or unexpected)[0]
             raise CheckpointError(f"{name}: checkpoint {pretrained} does not fit: {len(missing)} missing and "
                                   f"{len(unexpected)} unexpected keys (first: {first!r})")
+    model.meta = describe(name, model)
     return model
+
+
+def describe(name: str, model: nn.Module, categories: list[str] | None = None, **fields) -> dict:
+    """A task model's metadata, as data (JSON-serialisable), like torchvision's weights ``meta``: what it is, the
+    input it takes and how its outputs read. Exports and checkpoints carry the same dictionary.
+
+    ``categories`` names the labels (index = label; detection's 0 is the background); ``fields`` add or
+    replace entries (the published metric, the recipe, the weights file, dataset ids of the labels).
+    """
+    detection = model.task == "detection"
+    if categories is None:
+        categories = [("__background__" if detection and i == 0 else f"class {i}") for i in range(model.num_classes)]
+    meta = dict(name=name, task=model.task, num_classes=model.num_classes, categories=list(categories),
+                input_size=[model.size, model.size] if detection else None,  # None: any size
+                mean=model.normalize.mean.flatten().tolist(), std=model.normalize.std.flatten().tolist())
+    if detection:
+        meta["postprocess"] = model.postprocess
+    return {**meta, **fields}
 

@@ -147,34 +147,17 @@ class SSDLite(nn.Module):
         """Export path: [B, 3, size, size] in [0, 1] -> decoded boxes [B, A, 4] and probabilities [B, A, C]."""
         return self.decode(self.predict(batch), batch.shape[-2:])
 
+    @property
+    def postprocess(self) -> dict[str, float]:
+        """The settings of :func:`select_detections`, as the model's metadata records them."""
+        return dict(score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                    topk_candidates=self.topk_candidates, detections_per_img=self.detections_per_img)
+
     def select(self, boxes: Tensor, scores: Tensor, original_size: tuple[int, int]) -> dict[str, Tensor]:
-        """One image's detections: per-class top-k over the threshold, one batched NMS, rescaled boxes.
-
-        Same result as torchvision's per-class loop, without the loop.
-        """
-        per_class = scores[:, 1:].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
-        top_scores, anchor_index = per_class.topk(min(self.topk_candidates, per_class.shape[1]), dim=1)
-        label, rank = (top_scores > self.score_thresh).nonzero(as_tuple=True)
-        candidates, candidate_scores, labels = boxes[anchor_index[label, rank]], top_scores[label, rank], label + 1
-        kept = self.nms(candidates, candidate_scores, labels)
-        height, width = original_size
-        scale = boxes.new_tensor([width / self.size, height / self.size]).repeat(2)
-        return {"boxes": candidates[kept] * scale, "scores": candidate_scores[kept], "labels": labels[kept]}
-
-    def nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Indices of the ``detections_per_img`` best boxes that survive per-class NMS, best first.
-
-        Greedy NMS decides each box from the higher-scoring ones only, so NMS over the best ``n``
-        candidates keeps exactly the first survivors of NMS over all of them: grow ``n`` until
-        enough survive instead of suppressing among tens of thousands of low-score boxes.
-        """
-        count = 3 * self.detections_per_img  # <= 1000 boxes: batched_nms's single-call path on CPU
-        while True:
-            best = scores.topk(min(count, scores.numel())).indices
-            kept = batched_nms(boxes[best], scores[best], labels[best], self.nms_thresh)
-            if kept.numel() >= self.detections_per_img or best.numel() == scores.numel():
-                return best[kept[: self.detections_per_img]]
-            count *= 4
+        """One image's detections from :meth:`forward_batch`'s outputs: :func:`select_detections` with this
+        model's settings."""
+        return select_detections(boxes, scores, original_size, self.size, self.score_thresh, self.nms_thresh,
+                                 self.topk_candidates, self.detections_per_img)
 
     def compute_loss(self, head: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Smooth-L1 on matched boxes and cross-entropy with 3:1 hard negative mining, over the foreground count."""
@@ -218,6 +201,40 @@ class SSDLite(nn.Module):
             if not key.startswith("backbone.features."):
                 result[key] = value
         return result
+
+
+def select_detections(boxes: Tensor, scores: Tensor, original_size: tuple[int, int], size: int,
+                      score_thresh: float, nms_thresh: float, topk_candidates: int,
+                      detections_per_img: int) -> dict[str, Tensor]:
+    """One image's detections from decoded boxes [A, 4] (xyxy, ``size`` x ``size`` pixels) and class probabilities
+    [A, C]: per-class top-k over the threshold, one batched NMS, boxes rescaled to ``original_size`` (H, W).
+
+    Same result as torchvision's per-class loop, without the loop.
+    """
+    per_class = scores[:, 1:].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
+    top_scores, anchor_index = per_class.topk(min(topk_candidates, per_class.shape[1]), dim=1)
+    label, rank = (top_scores > score_thresh).nonzero(as_tuple=True)
+    candidates, candidate_scores, labels = boxes[anchor_index[label, rank]], top_scores[label, rank], label + 1
+    kept = greedy_nms(candidates, candidate_scores, labels, nms_thresh, detections_per_img)
+    height, width = original_size
+    scale = boxes.new_tensor([width / size, height / size]).repeat(2)
+    return {"boxes": candidates[kept] * scale, "scores": candidate_scores[kept], "labels": labels[kept]}
+
+
+def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float, keep: int) -> Tensor:
+    """Indices of the ``keep`` best boxes that survive per-class NMS, best first.
+
+    Greedy NMS decides each box from the higher-scoring ones only, so NMS over the best ``n``
+    candidates keeps exactly the first survivors of NMS over all of them: grow ``n`` until
+    enough survive instead of suppressing among tens of thousands of low-score boxes.
+    """
+    count = 3 * keep  # <= 1000 boxes: batched_nms's single-call path on CPU
+    while True:
+        best = scores.topk(min(count, scores.numel())).indices
+        kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
+        if kept.numel() >= keep or best.numel() == scores.numel():
+            return best[kept[:keep]]
+        count *= 4
 
 
 def torchvision_backbone_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -130,7 +130,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, data_root):
 
 
 def test_tool_errors_are_one_line(tmp_path, capsys):
-    from heads.training.engine import main
+    from heads.cli import train_main as main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(tmp_path / "nope.yaml")])
