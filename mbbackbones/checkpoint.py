@@ -1,12 +1,18 @@
 """Checkpoint formats: detect torchvision / timm / our own MobileNet state dicts and convert them."""
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import zipfile
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
-from timm.models import load_state_dict
+from timm.models import clean_state_dict
 from torch import nn
 
 # a key that only one format has -> that format
@@ -31,13 +37,73 @@ class CheckpointError(ValueError):
     """A checkpoint that is not a MobileNet state dict, or does not fit the model."""
 
 
-def read_checkpoint(path: str) -> dict:
-    """A state dict from a .pth (``weights_only=True``) or .safetensors file, via timm's reader."""
+class WeightsUnavailable(RuntimeError):
+    """Published weights that are not there: none published, or neither cached nor downloadable (offline).
+
+    ``template`` says so and ends with ``{alternative}``: how to pass a local file instead, which depends on the
+    caller (``pretrained_cfg_overlay=dict(file=PATH)`` for timm, ``pretrained_backbone=PATH`` for heads).
+    """
+
+    def __init__(self, template: str, alternative: str):
+        self.template = template
+        super().__init__(template.format(alternative=alternative))
+
+    @classmethod
+    def offline(cls, owner: str, file: str, folder: str, reason: str, alternative: str) -> WeightsUnavailable:
+        return cls(f"{owner}: weights {file} are not in {folder} and could not be downloaded ({reason}); put the "
+                   "file there, or pass {alternative}", alternative)
+
+    def instead(self, alternative: str) -> WeightsUnavailable:
+        """The same error, suggesting another way to pass a local file."""
+        return WeightsUnavailable(self.template, alternative)
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """The one guarded reader of checkpoint files: a .safetensors file, or a torch file with ``weights_only=True``.
+
+    Whatever is wrong with the file (missing, empty, truncated, not a checkpoint, holding pickled code) becomes one
+    ``CheckpointError`` line that names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else
+                              f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
     try:
-        return load_state_dict(str(path), weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from error
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(path)
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else may be a legacy file...
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # ...or not a checkpoint at all, and the legacy unpickler fails in many ways on those
+                raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint (neither a complete zip "
+                                      "archive nor a legacy torch file); fetch it again") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error).lower():
+            raise CheckpointError(f"{path} holds pickled Python objects besides tensors: refused (weights_only=True); "
+                                  "load it with code you trust and save its state_dict") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unpickling failed)") from None
+    except (RuntimeError, EOFError, safetensors.SafetensorError) as error:
+        kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+        raise CheckpointError(f"{path} is truncated or not a {kind} checkpoint "
+                              f"({str(error).strip().splitlines()[0][:80]}); fetch it again") from None
+
+
+def weights_of(checkpoint: dict) -> dict:
+    """The weights in a checkpoint as a state dict: a training checkpoint's EMA weights when it has them, else its
+    model (the keys timm's ``load_state_dict`` looks for), with DDP / compile prefixes removed."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return clean_state_dict(checkpoint)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The weights of a checkpoint file (:func:`load_file`, then :func:`weights_of`)."""
+    return weights_of(load_file(path))
 
 
 def detect_format(state_dict: Mapping) -> str:

@@ -1,8 +1,14 @@
-"""The one did-you-mean check used for every named choice (models, arguments, config keys and values)."""
+"""Arguments users get wrong: the one did-you-mean check used for every named choice (models, keywords, config
+keys and values), and the error type of all such mistakes."""
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+
+
+class ArgumentError(ValueError):
+    """An argument a user got wrong: a name or value that is not one of its choices (a model, a keyword, a tag),
+    or arguments that do not go together."""
 
 
 def did_you_mean(value, choices: Iterable) -> str:
@@ -12,9 +18,9 @@ def did_you_mean(value, choices: Iterable) -> str:
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
-    """Raise ``ValueError('name=value is not supported; choose one of ...')`` unless ``value`` is a choice."""
+    """Raise ``ArgumentError('name=value is not supported; choose one of ...')`` unless ``value`` is a choice."""
     choices = tuple(choices)
     if value not in choices:
         hint = did_you_mean(value, choices) if isinstance(value, str) else ""
         message = f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}"
-        raise ValueError(message + (f".{hint}" if hint else ""))
+        raise ArgumentError(message + (f".{hint}" if hint else ""))

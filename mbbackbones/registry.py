@@ -8,12 +8,15 @@ import inspect
 import os
 from typing import NamedTuple
 
+import huggingface_hub.constants
 import timm
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 
-from .checkpoint import CheckpointError, convert, read_checkpoint
-from .choices import did_you_mean
+from .checkpoint import CheckpointError, WeightsUnavailable, convert, read_checkpoint
+from .choices import ArgumentError, did_you_mean
 from .model import MobileNet
 
 TORCHVISION = "https://download.pytorch.org/models/"
@@ -114,8 +117,8 @@ def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
     if pretrained and file and not os.path.isfile(file):
         raise FileNotFoundError(f"{entry.name}: pretrained file not found: {file}")
     if pretrained and not file and not entry.weights and not kwargs.get("pretrained_cfg"):
-        raise RuntimeError(f"{entry.name} has no published weights; load a local file with "
-                           f"pretrained_cfg_overlay=dict(file=PATH) or use pretrained=False")
+        raise WeightsUnavailable(f"{entry.name} has no published weights; pass {{alternative}}",
+                                 "a local file with pretrained_cfg_overlay=dict(file=PATH), or pretrained=False")
     kwargs.setdefault("reduced_tail", entry.reduced_tail)
     try:
         return build_model_with_cfg(
@@ -127,10 +130,18 @@ def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
         if pretrained and file:
             read_checkpoint(file)  # a clear error if the file is what failed
         elif pretrained and isinstance(error, OSError):
-            raise RuntimeError(f"{entry.name}: could not fetch pretrained weights ({type(error).__name__}: {error}). "
-                               "Offline? Download them elsewhere and pass pretrained_cfg_overlay=dict(file=PATH)"
-                               ) from error
+            file, folder = _download_source(entry, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+            raise WeightsUnavailable.offline(entry.name, file, folder, type(error).__name__,
+                                             "pretrained_cfg_overlay=dict(file=PATH)") from None
         raise
+
+
+def _download_source(entry: Entry, pretrained_cfg, overlay: dict | None) -> tuple[str, str]:
+    """The published file of a model's weights and the cache folder it is looked for in."""
+    cfg = {**resolve_pretrained_cfg(entry.name, pretrained_cfg=pretrained_cfg).to_dict(), **(overlay or {})}
+    if cfg.get("hf_hub_id"):
+        return f"{cfg['hf_hub_id']} (Hugging Face Hub)", huggingface_hub.constants.HF_HUB_CACHE
+    return os.path.basename(cfg["url"]), os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
 def _entrypoint(entry: Entry):
@@ -154,7 +165,7 @@ def list_models() -> list[str]:
 def check_name(name: str) -> str:
     base = name.split(".", 1)[0]
     if base not in ENTRIES:
-        raise ValueError(f"Unknown model {name!r}.{did_you_mean(base, ENTRIES)} Available: {', '.join(ENTRIES)}")
+        raise ArgumentError(f"Unknown model {name!r}.{did_you_mean(base, ENTRIES)} Available: {', '.join(ENTRIES)}")
     return name
 
 

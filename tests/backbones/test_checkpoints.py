@@ -116,7 +116,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="mbv3_large: pretrained file not found: .*nope.pth"):
         load("mbv3_large", tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pth is truncated or not a PyTorch checkpoint"):
         load("mbv3_large", tmp_path / "junk.pth")
 
 
@@ -124,9 +124,10 @@ def test_pretrained_without_weights_or_network_says_how_to_pass_a_file():
     with pytest.raises(RuntimeError, match="mbv3_large_reduced has no published weights; .*pretrained_cfg_overlay"):
         timm.create_model("mbv3_large_reduced", pretrained=True)
     unreachable = dict(url="http://127.0.0.1:9/mobilenet_v3_large.pth", hf_hub_id=None)
-    with pytest.raises(RuntimeError, match="could not fetch pretrained weights .*pretrained_cfg_overlay=dict"):
+    with pytest.raises(RuntimeError, match="weights mobilenet_v3_large.pth are not in .*checkpoints and could not be "
+                                           "downloaded .*pretrained_cfg_overlay=dict"):
         timm.create_model("mbv3_large", pretrained=True, pretrained_cfg_overlay=unreachable)
-    with pytest.raises(RuntimeError, match="could not fetch pretrained weights"):
+    with pytest.raises(RuntimeError, match="timm/mobilenetv1_100.* are not in .* could not be downloaded"):
         timm.create_model("mbv1_100", pretrained=True)  # Hugging Face hub, offline in tests
 
 
