@@ -1,10 +1,17 @@
-"""Training configuration: YAML files whose keys are the fields below, plus ``--key value`` overrides."""
+"""Training configuration: YAML files whose keys are the fields below, plus ``--key value`` overrides.
+
+Every field documents itself (``help``) and states what values it takes (``rule``): a wrong value stops with one
+line that names the key, where it came from (the YAML file or the command line) and what is valid.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
@@ -12,56 +19,100 @@ from mbbackbones.choices import did_you_mean
 
 
 class ConfigError(ValueError):
-    """An unknown key, a value of the wrong type or an unreadable config file."""
+    """An unknown key, a value of the wrong type or range, or an unreadable config file."""
+
+
+class Rule(NamedTuple):
+    """What a value must satisfy, and how to say it: ``<key> must be <text>``."""
+
+    check: Callable[[Any], bool]
+    text: str
+    choices: tuple = ()  # for a did-you-mean hint
+
+
+def at_least(low: int) -> Rule:
+    return Rule(lambda value: value >= low, f">= {low}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda value: value in choices, f"one of {', '.join(choices)}", choices)
+
+
+POSITIVE = Rule(lambda value: value > 0, "> 0")
+FRACTION = Rule(lambda value: 0 < value < 1, "between 0 and 1 (exclusive)")
+DEVICE = Rule(lambda value: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None,
+              "auto, cpu, mps, cuda or cuda:N")
+SIZE = Rule(lambda value: len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in value), "two positive integers [height, width]")
+
+
+def option(default, help: str, rule: Rule | None = None):
+    """A config field: its default, its one-line documentation and the rule its values follow (``None`` passes)."""
+    metadata = dict(help=help, rule=rule)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    """Every option of ``tools/train_det.py`` / ``tools/train_seg.py``; defaults follow torchvision's SSDLite recipe."""
+    """Every option of ``heads.train`` and ``tools/train_*.py``; defaults follow torchvision's SSDLite recipe."""
 
-    task: str = "detection"                  # detection | segmentation
-    model: str = "ssdlite320_mbv3_large_reduced"
-    model_kwargs: dict = field(default_factory=dict)  # extra constructor arguments (e.g. backbone, pooling)
-    pretrained: str | None = None            # whole-model weights (file)
-    pretrained_backbone: str | None = None   # backbone weights (file)
+    task: str = option("detection", "detection | segmentation", one_of("detection", "segmentation"))
+    model: str = option("ssdlite320_mbv3_large_reduced", "registered task model (heads.list_models())")
+    model_kwargs: dict = option({}, "extra constructor arguments (e.g. backbone, pooling)")
+    pretrained: bool | str | None = option(None, "whole-model weights: true (published), a tag or a file")
+    pretrained_backbone: bool | str | None = option(None, "backbone weights: true (ImageNet) or a file")
     # data
-    dataset: str = "builtin"                 # coco | builtin (detection); cityscapes | builtin (segmentation)
-    data_root: str | None = None             # dataset root; builtin: where it is generated (default: cache)
-    train_split: str = "train2017"
-    val_split: str = "val2017"
-    label_mode: str = "contiguous"           # COCO labels: contiguous | coco91 (torchvision's 91 classes)
-    skip_corrupt: bool = False               # skip unreadable images (counted) instead of stopping
-    augment: str = "ssdlite"                 # detection: ssdlite | ssd | none; segmentation: default | none
-    crop_size: list = field(default_factory=lambda: [512, 1024])  # segmentation crop (H, W)
-    workers: int = 2
+    dataset: str = option("builtin", "coco | builtin (detection); cityscapes | builtin (segmentation)",
+                          one_of("coco", "cityscapes", "builtin"))
+    data_root: str | None = option(None, "dataset root (coco, cityscapes)")
+    train_split: str = option("train2017", "training split (folder / annotation name)")
+    val_split: str = option("val2017", "validation split")
+    train_annotations: str | None = option(None, "COCO: an annotation JSON for training, any path (default: the "
+                                                 "split's under data_root/annotations)")
+    val_annotations: str | None = option(None, "COCO: an annotation JSON for validation, any path")
+    train_images: str | None = option(None, "COCO: the training image folder, any path (default: data_root/split)")
+    val_images: str | None = option(None, "COCO: the validation image folder")
+    label_mode: str = option("contiguous", "COCO labels: contiguous | coco91 (torchvision's 91 classes)",
+                             one_of("contiguous", "coco91"))
+    skip_corrupt: bool = option(False, "skip unreadable images (counted) instead of stopping")
+    augment: str = option("ssdlite", "detection: ssdlite | ssd | none; segmentation: default | none")
+    crop_size: list = option([512, 1024], "segmentation training crop [height, width]", SIZE)
+    workers: int = option(2, "data loading processes (0: in the main process)", at_least(0))
     # optimisation
-    epochs: int = 660
-    max_steps: int | None = None             # stop after this many optimizer steps (a budget), if set
-    batch_size: int = 24                     # per process and per micro-batch
-    accumulate: int = 1                      # micro-batches per optimizer step
-    optimizer: str = "sgd"                   # sgd | adam | adamw
-    lr: float = 0.15                         # for a global batch of lr_batch; scaled linearly to the real one
-    lr_batch: int = 192
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    scheduler: str = "cosine"                # cosine | poly | constant
-    warmup_steps: int = 1000                 # linear warm-up, capped at one epoch
-    warmup_factor: float = 0.001
-    grad_clip: float | None = None
-    amp: bool = False                        # bfloat16 autocast on CPU, float16 + GradScaler on CUDA
-    ema: bool = False
-    ema_decay: float = 0.9998
-    sync_bn: bool = False                    # SyncBatchNorm across processes (CUDA only)
+    epochs: int = option(660, "passes over the training set", at_least(1))
+    max_steps: int | None = option(None, "stop after this many optimizer steps (a budget), if set", at_least(1))
+    batch_size: int = option(24, "images per process and micro-batch", at_least(1))
+    accumulate: int = option(1, "micro-batches per optimizer step", at_least(1))
+    optimizer: str = option("sgd", "sgd | adam | adamw", one_of("sgd", "adam", "adamw"))
+    lr: float = option(0.15, "learning rate for a global batch of lr_batch, scaled linearly to the real one",
+                       POSITIVE)
+    lr_batch: int = option(192, "the global batch lr is given for", at_least(1))
+    momentum: float = option(0.9, "SGD momentum", Rule(lambda value: 0 <= value < 1, "in [0, 1)"))
+    weight_decay: float = option(4e-5, "L2 weight decay", at_least(0))
+    scheduler: str = option("cosine", "cosine | poly | constant", one_of("cosine", "poly", "constant"))
+    warmup_steps: int = option(1000, "linear warm-up steps, capped at one epoch", at_least(0))
+    warmup_factor: float = option(0.001, "the learning rate's share at the first warm-up step",
+                                  Rule(lambda value: 0 < value <= 1, "in (0, 1]"))
+    grad_clip: float | None = option(None, "clip the gradient norm to this, if set", POSITIVE)
+    amp: bool = option(False, "mixed precision: bfloat16 on CPU, float16 with a gradient scaler on CUDA")
+    channels_last: bool = option(True, "train in the channels-last memory format (faster on CPUs and GPUs)")
+    ema: bool = option(False, "keep an exponential moving average of the weights; evaluate and save it")
+    ema_decay: float = option(0.9998, "EMA decay per step", FRACTION)
+    sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only)")
     # bookkeeping
-    seed: int = 0
-    device: str = "auto"                     # auto | cpu | cuda | cuda:N
-    output: str = "runs/train"
-    checkpoint_every: int = 500              # steps; also at every epoch end
-    eval_every: int = 1                      # epochs; 0 disables periodic evaluation
-    eval_limit: int | None = None            # evaluate on the first N validation images only
-    log_every: int = 10
-    eval_backend: str = "pycocotools"        # detection: pycocotools | faster_coco_eval
-    bn_recalibrate: int = 0                  # batches to re-estimate BN statistics before evaluation
+    seed: int = option(0, "seed of weights, sampling and augmentation")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", DEVICE)
+    output: str = option("runs/train", "run folder; taken: the next free one (runs/x-2, ...), unless resuming")
+    checkpoint_every: int = option(500, "steps between checkpoints (also at every epoch end)", at_least(1))
+    eval_every: int = option(1, "epochs between evaluations; 0: only at the end", at_least(0))
+    eval_limit: int | None = option(None, "evaluate on the first N validation images only", at_least(1))
+    log_every: int = option(10, "steps between log records", at_least(1))
+    scorer: str = option("pycocotools", "detection: pycocotools | faster_coco_eval",
+                         one_of("pycocotools", "faster_coco_eval"))
+    bn_recalibrate: int = option(0, "batches to re-estimate BN statistics on before each evaluation", at_least(0))
+    tensorboard: bool = option(True, "write TensorBoard event files into the run folder")
 
     @property
     def global_batch(self) -> int:
@@ -72,30 +123,43 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _check_type(name: str, value, source: str):
-    hint = HINTS[name]
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return value
+def _kind_name(kind) -> str:
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}[kind]
+
+
+def check_value(name: str, value, source: str):
+    """``value`` for field ``name``, with ints widened to floats where a float is due; else a ``ConfigError``."""
+    allowed = typing.get_args(HINTS[name]) or (HINTS[name],)
     for kind in allowed:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if kind is not type(None) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return value
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise ConfigError(f"{source}: {name} must be {names}, got {value!r}")
+            value = float(value)
+        if isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+            break
+    else:
+        expected = " or ".join(_kind_name(kind) for kind in allowed)
+        raise ConfigError(f"{source}: {name} must be {expected}, got {value!r}")
+    rule = FIELDS[name].metadata["rule"]
+    if rule is not None and value is not None and not isinstance(value, bool) and not rule.check(value):
+        hint = did_you_mean(value, rule.choices) if rule.choices and isinstance(value, str) else ""
+        raise ConfigError(f"{source}: {name} must be {rule.text}, got {value!r}" + (f".{hint}" if hint else ""))
+    return value
 
 
 def _unknown(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, FIELDS)} Valid keys: {', '.join(FIELDS)}")
 
 
-def make_config(values: dict, source: str = "config") -> TrainConfig:
-    """A validated ``TrainConfig`` from a mapping of field names to values."""
+def make_config(values: dict, source: str | dict[str, str] = "config") -> TrainConfig:
+    """A validated ``TrainConfig`` from a mapping of field names to values; ``source`` names where the values came
+    from, for the error messages (one name, or one per key)."""
+    def where(key: str) -> str:
+        return source.get(key, "config") if isinstance(source, dict) else source
+
     for key in values:
         if key not in FIELDS:
-            raise _unknown(key, source)
-    return TrainConfig(**{k: _check_type(k, v, source) for k, v in values.items()})
+            raise _unknown(key, where(key))
+    return TrainConfig(**{key: check_value(key, value, where(key)) for key, value in values.items()})
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -103,7 +167,9 @@ def read_yaml(path: str | Path) -> dict:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
@@ -111,33 +177,59 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``["--lr", "0.1", "--amp", "true"]`` -> ``{"lr": 0.1, "amp": True}``; values are read as YAML."""
+    """``["--lr", "0.1", "--amp"]`` -> ``{"lr": 0.1, "amp": True}``; values are read as YAML, keys may use dashes
+    (``--data-root=/data/my-coco`` keeps the value's dashes). Only true/false keys can stand alone."""
     values, args = {}, list(args)
     while args:
-        key = args.pop(0)
-        if not key.startswith("--"):
-            raise ConfigError(f"command line: expected --key value, got {key!r}")
-        key = key[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-        elif args and not args[0].startswith("--"):
-            raw = args.pop(0)
-        else:
-            raw = "true"  # a bare flag
+        item = args.pop(0)
+        if not item.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {item!r}")
+        key, equals, raw = item[2:].partition("=")
+        key = key.replace("-", "_")
         if key not in FIELDS:
             raise _unknown(key, "command line")
-        values[key] = yaml.safe_load(raw)
+        if not equals:
+            if args and not args[0].startswith("--"):
+                raw = args.pop(0)
+            elif HINTS[key] is bool:
+                raw = "true"
+            else:
+                raise ConfigError(f"command line: --{key} needs a value ({FIELDS[key].metadata['help']})")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key] = raw  # a string YAML cannot read, such as a path with a colon and a space
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **defaults) -> TrainConfig:
-    """Defaults < YAML file < command-line overrides."""
-    values = dict(defaults)
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                **defaults) -> TrainConfig:
+    """Defaults < YAML file < overrides (command-line ``--key value`` words, or a mapping from Python)."""
+    values, sources = dict(defaults), {}
     if path:
-        values.update(read_yaml(path))
-    values.update(parse_overrides(overrides or []))
-    return make_config(values, str(path or "config"))
+        from_file = read_yaml(path)
+        values.update(from_file)
+        sources.update(dict.fromkeys(from_file, str(path)))
+    if isinstance(overrides, dict):
+        values.update(overrides)
+        sources.update(dict.fromkeys(overrides, "overrides"))
+    else:
+        given = parse_overrides(overrides or [])
+        values.update(given)
+        sources.update(dict.fromkeys(given, "command line"))
+    return make_config(values, sources)
 
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def describe_fields() -> str:
+    """One line per key: name, default and help (the training tools' ``--help`` epilog)."""
+    width = max(map(len, FIELDS))
+    return "\n".join(f"  --{name:<{width}}  {field.metadata['help']} (default: {_default(field)})"
+                     for name, field in FIELDS.items())
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
