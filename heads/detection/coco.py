@@ -37,16 +37,22 @@ class CocoDetection(torch.utils.data.Dataset):
     reads the ground truth from ``self.coco`` instead. ``skip_corrupt=True`` replaces an unreadable image by
     the next readable one and records its path in ``self.skipped`` (per process: each DataLoader worker
     keeps its own).
+
+    Any COCO-format folder reads the same way: ``image_dir`` and ``annotation_file`` replace the layout's paths
+    (``root`` is then not needed).
     """
 
-    def __init__(self, root, split="val2017", label_mode="contiguous", transform=None, train=False,
-                 skip_corrupt=False):
+    def __init__(self, root=None, split="val2017", label_mode="contiguous", transform=None, train=False,
+                 skip_corrupt=False, image_dir=None, annotation_file=None):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-        self.root = Path(root).expanduser()
+        if root is None and not (image_dir and annotation_file):
+            raise ValueError("CocoDetection needs root, or both image_dir and annotation_file")
+        self.root = Path(root).expanduser() if root is not None else None
         unlabelled = split in UNLABELLED_SPLITS
-        self.image_dir = self.root / UNLABELLED_SPLITS.get(split, split)
-        self.annotation_file = self.root / "annotations" / f"{'image_info' if unlabelled else 'instances'}_{split}.json"
+        self.image_dir = Path(image_dir or self.root / UNLABELLED_SPLITS.get(split, split)).expanduser()
+        self.annotation_file = Path(annotation_file or self.root / "annotations" /
+                                    f"{'image_info' if unlabelled else 'instances'}_{split}.json").expanduser()
         self.coco = load_coco(self.annotation_file, self.image_dir, annotated=not unlabelled)
         self.transform = transform
         self.train = train
@@ -119,7 +125,7 @@ def load_coco(annotation_file: Path, image_dir: Path, annotated: bool = True) ->
     """A pycocotools ``COCO`` index of a validated instances file (or, with ``annotated=False``, an
     ``image_info`` file without annotations), built without its progress prints."""
     layout = "expected <root>/<split>/*.jpg and <root>/annotations/instances_<split>.json"
-    for path in (image_dir.parent, image_dir, annotation_file):
+    for path in dict.fromkeys((image_dir.parent, image_dir, annotation_file)):
         if not path.exists():
             raise DataError(f"COCO path not found: {path} ({layout})")
     try:

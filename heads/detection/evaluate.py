@@ -77,7 +77,8 @@ def to_coco_results(
         boxes = box_convert(detection["boxes"].detach().cpu().double(), "xyxy", "xywh").round(decimals=_BOX_DECIMALS)
         scores = detection["scores"].detach().cpu().double().round(decimals=_SCORE_DECIMALS)
         results += [
-            {"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box, "score": score}
+            {"image_id": image_id if isinstance(image_id, str) else int(image_id),
+             "category_id": label_to_category[label], "bbox": box, "score": score}
             for label, box, score in zip(labels, boxes.tolist(), scores.tolist()) if label in label_to_category
         ]
     return results
@@ -205,27 +206,54 @@ def _mean_valid(precision: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict_detections(model: nn.Module, dataset, batch_size: int, device, limit: int | None = None,
-                       workers: int = 0):
-    """Detections (torchvision format, original pixels) and image ids for the first ``limit`` images."""
+def predict_detections(model: nn.Module, dataset, batch_size: int, device, indices=None, workers: int = 0):
+    """Detections (torchvision format, original pixels) and image ids for the dataset items ``indices`` (all by
+    default). ``model`` is a network, or a :class:`~heads.deploy.predictor.Predictor` (an exported file's runtime),
+    which reads the images from their files."""
+    indices = range(len(dataset)) if indices is None else indices
+    if not isinstance(model, nn.Module):
+        image_ids = [dataset.image_ids[i] for i in indices]
+        paths = [dataset.image_dir / dataset.coco.imgs[image_id]["file_name"] for image_id in image_ids]
+        return [{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in model.stream(paths)], image_ids
     model.eval()
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
                                          num_workers=workers, collate_fn=collate_detection)
     detections, image_ids = [], []
-    for images, targets in tqdm(loader, desc="evaluate", leave=False):
-        outputs = model([image.to(device) for image in images])
-        detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
-        image_ids += [target["image_id"] for target in targets]
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc="evaluate", leave=False):
+            outputs = model([image.to(device) for image in images])
+            detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+            image_ids += [target["image_id"] for target in targets]
     return detections, image_ids
 
 
-def evaluate_model(model: nn.Module, dataset, device, batch_size: int = 8, limit: int | None = None,
-                   workers: int = 0, backend: str = "pycocotools", output: Path | None = None) -> CocoMetrics:
-    """COCO box metrics of ``model`` on the first ``limit`` images of a ``CocoDetection`` dataset; with
-    ``output``, ``detections.json``, ``metrics.txt`` and ``metrics.json`` are written there."""
-    detections, image_ids = predict_detections(model, dataset, batch_size, device, limit, workers)
+def detect_dataset(model, dataset, device, batch_size: int = 8, limit: int | None = None, workers: int = 0,
+                   env=None) -> tuple[list[dict], list[int]] | None:
+    """COCO results of ``model`` (see :func:`predict_detections`) on the first ``limit`` images, and their ids.
+
+    Under torchrun (``env``, the engine's ``Distributed``) each process predicts its share of the images and the
+    first process gets them all; the others get None.
+    """
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = range(count) if env is None else env.shard(count)
+    detections, image_ids = predict_detections(model, dataset, batch_size, device, indices, workers)
     results = to_coco_results(detections, image_ids, dataset.label_to_category)
+    if env is not None:
+        results, image_ids = env.gather(results), env.gather(image_ids)
+        if not env.main:
+            return None
+    return results, image_ids
+
+
+def evaluate_model(model, dataset, device, batch_size: int = 8, limit: int | None = None, workers: int = 0,
+                   backend: str = "pycocotools", output: Path | None = None, env=None) -> CocoMetrics | None:
+    """COCO box metrics of ``model`` on the first ``limit`` images of a ``CocoDetection`` dataset (see
+    :func:`detect_dataset`; None on all but the first process); with ``output``, ``detections.json``,
+    ``metrics.txt`` and ``metrics.json`` are written there."""
+    detected = detect_dataset(model, dataset, device, batch_size, limit, workers, env)
+    if detected is None:
+        return None
+    results, image_ids = detected
     metrics = evaluate(dataset.coco, results, backend=backend, image_ids=image_ids)
     if output is not None:
         save_results(results, Path(output) / "detections.json")

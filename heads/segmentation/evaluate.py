@@ -238,20 +238,23 @@ def official_scores(pred_files, gt_files) -> dict:
 
 
 def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, output: Path | None = None,
-                   write: bool = False, workers: int = 0, **options) -> SegMetrics:
+                   write: bool = False, workers: int = 0, env=None, **options) -> SegMetrics:
     """Confusion-matrix metrics of ``model`` on ``dataset`` (images decoded by ``workers`` processes, ``options``
     for :func:`heads.segmentation.inference.predict`); with ``output``, the tables and the confusion PNG are
-    written there, and with ``write`` also label-id predictions and colourised overlays."""
-    model.eval()
+    written there, and with ``write`` also label-id predictions and colourised overlays.
+
+    Under torchrun (``env``, the engine's ``Distributed``) each process scores its share of the images and the
+    confusion matrices are summed, so every process gets the metrics of the whole set.
+    """
     confusion = ConfusionMatrix(class_names=dataset.class_names, ignore_index=dataset.ignore_index, device=device)
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(count)), num_workers=workers)
-    for index, (image, mask) in enumerate(tqdm(loader, desc="evaluate", leave=False)):
-        pred = predict(model, model.normalize(image.to(device)), **options)[0].argmax(0)
-        confusion.update(pred, mask[0].to(device))
+    indices = range(count) if env is None else env.shard(count)
+    for index, pred, mask in _predictions(model, dataset, indices, device, workers, options):
+        confusion.update(pred, mask)
         if write and output is not None:
             write_predictions(pred.cpu().numpy(), dataset.stems[index], Path(output) / "predictions",
                               image=dataset.load(index)[0])
+    confusion.all_reduce()
     metrics = confusion.compute()
     if output is not None:
         output = Path(output)
@@ -260,3 +263,22 @@ def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, 
         (output / "metrics.json").write_text(metrics.to_json())
         plot_confusion(metrics.confusion, dataset.class_names, output / "confusion.png")
     return metrics
+
+
+def _predictions(model, dataset, indices, device, workers: int, options: dict):
+    """``(index, predicted train ids, target train ids)`` for the dataset items ``indices``: from a network (with
+    :func:`~heads.segmentation.inference.predict` ``options``), or from a
+    :class:`~heads.deploy.predictor.Predictor` (an exported file's runtime) on the image files."""
+    if not isinstance(model, nn.Module):
+        if any(value != default for value, default in ((options.get("mode", "whole"), "whole"),
+                                                         (options.get("flip", False), False),
+                                                         (list(options.get("scales", [1.0])), [1.0]))):
+            raise ValueError("sliding windows, flips and scales need the PyTorch model, not an exported file")
+        results = model.stream([dataset.files[i][0] for i in indices])
+        for index, result in zip(indices, results):
+            yield index, torch.from_numpy(result.mask).to(device), torch.from_numpy(dataset.load(index)[1]).to(device)
+        return
+    model.eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), num_workers=workers)
+    for index, (image, mask) in zip(indices, tqdm(loader, desc="evaluate", leave=False)):
+        yield index, predict(model, model.normalize(image.to(device)), **options)[0].argmax(0), mask[0].to(device)

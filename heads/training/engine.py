@@ -1,14 +1,13 @@
-"""One training engine for detection and segmentation: DDP, AMP, EMA, exact resume, logs and plots.
+"""One training engine for detection and segmentation: DDP, AMP, EMA, exact resume, run folders, logs and plots.
 
-A task (``heads.tasks``) supplies the model, datasets, collate function, loss and evaluation; the
+A task (``heads.training.tasks``) supplies the model, datasets, collate function, loss and evaluation; the
 engine owns everything else. Runs under ``torchrun`` unchanged (one process per device).
 """
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
-import pickle
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -21,16 +20,18 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from mbbackbones.choices import check_choice
+from mbbackbones.checkpoint import CheckpointError, load_file
 
 from ..data import sample_seed
 from ..files import atomic_write
-from .config import TrainConfig, to_dict
-from .logs import plot_log, read_log
+from .config import ConfigError, TrainConfig, load_config, read_yaml, to_dict
+from .logs import LOG, PLOT, RunLog
+from .run import Run, RunError, claim, lock_for_resume
 from .sampler import StepSampler
 
 CHECKPOINT = "last.pt"
-OPTIMIZERS = ("sgd", "adam", "adamw")
+BEST = "best.pt"
+CONFIG = "config.yaml"
 
 
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, kind: str) -> float:
@@ -54,6 +55,9 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device == "auto":
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: {device}, but this machine has no usable CUDA GPU (no NVIDIA driver, or a CPU "
+                              "build of torch); use device: cpu (or auto)")
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -64,12 +68,31 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes, in place on its device (NCCL needs the GPU's)."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def shard(self, count: int) -> range:
+        """This process's share of ``count`` evaluation samples: every ``world``-th one, from its rank."""
+        return range(self.rank, count, self.world)
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items``, concatenated in rank order, on every process."""
         if self.world == 1:
-            return values
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return dict(zip(values, (tensor / self.world).tolist()))
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -77,13 +100,15 @@ class Distributed:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, world: int) -> torch.optim.Optimizer:
-    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    """SGD, Adam or AdamW at ``cfg.lr`` scaled linearly from ``cfg.lr_batch`` to the global batch, with torch's
+    fused kernels (one step for all parameters) on CPUs and GPUs."""
     lr = cfg.lr * cfg.global_batch * world / cfg.lr_batch
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].device.type in ("cpu", "cuda")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -91,24 +116,27 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Trainer:
-    """Train ``task`` with ``cfg``; ``fit()`` returns the last evaluation metrics.
+    """Train ``task`` with ``cfg`` into a run folder; ``fit()`` returns the last evaluation metrics.
 
-    ``callback(trainer)`` runs after every optimizer step (tests use it to stop a run mid-epoch).
+    Everything that can fail on bad input (config, data, model, weights, the checkpoint to resume) is checked
+    before the run folder is touched. A new run takes ``cfg.output``, or the next free ``<output>-N`` when that
+    holds another run; ``resume`` (a checkpoint or run folder) continues that run in its own folder. The folder is
+    locked while the run lives. ``callback(trainer)`` runs after every optimizer step (tests use it to stop a run).
     """
 
-    def __init__(self, cfg: TrainConfig, task, resume: str | None = None, callback: Callable | None = None):
+    def __init__(self, cfg: TrainConfig, task, resume: str | os.PathLike | None = None,
+                 callback: Callable | None = None):
         self.cfg, self.task, self.callback = cfg, task, callback
+        task.check(cfg)
         self.env = Distributed(cfg.device)
-        self.output = Path(cfg.output)
-        if self.env.main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.train_set, self.val_set = task.datasets(cfg)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process and run
         model = task.model(cfg, self.train_set).to(self.env.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.env.world > 1:
             if self.env.device.type != "cuda":
-                raise ValueError("sync_bn needs CUDA (SyncBatchNorm does not run on CPU); set sync_bn: false")
+                raise ConfigError("sync_bn needs CUDA (SyncBatchNorm does not run on CPU); set sync_bn: false")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
         self.model = nn.parallel.DistributedDataParallel(model) if self.env.world > 1 else model
@@ -126,73 +154,119 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_amp)
         self.autocast = (torch.autocast(self.env.device.type, dtype=torch.float16 if cuda_amp else torch.bfloat16)
                          if cfg.amp else nullcontext())
-        self.step, self.metrics = 0, {}
+        self.step, self.metrics, self.best = 0, {}, None
+        self.output, self.lock = self._folder(resume)
+        self.log = None
+        try:
+            if resume:
+                self.load(Path(resume) if Path(resume).is_file() else self.output / CHECKPOINT)
+            elif self.env.main:
+                with atomic_write(self.output / CONFIG, "w") as file:
+                    yaml.safe_dump(to_dict(cfg), file, sort_keys=False)
+            if self.env.main:
+                self.log = RunLog(self.output, task.main_metric, cfg.tensorboard, self.step if resume else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def _folder(self, resume):
+        """The run folder (a new one claimed by rank 0 and told to the others, or the one to resume) and its lock."""
+        lock = None
         if resume:
-            self.load(resume)
+            folder = Path(resume)
+            if folder.is_file():
+                folder = folder.parent
+            elif not (folder / CHECKPOINT).is_file():
+                raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
+            if self.env.main:
+                lock = lock_for_resume(folder)
+        elif self.env.main:
+            folder, lock = claim(Path(self.cfg.output))
+            if folder != Path(self.cfg.output):
+                print(f"{self.cfg.output} holds another run: this run writes {folder}")
+        else:
+            folder = None
+        return Path(self.env.broadcast(str(folder))), lock
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """The model's metadata, with the metrics of the last evaluation and where its recipe is."""
+        meta = dict(unwrap(self.model).meta, recipe=str(self.output / CONFIG))
+        if self.metrics:
+            meta["metrics"] = {f"{self.cfg.dataset}/{self.cfg.val_split}": self.metrics}
+        return meta
+
     def state(self) -> dict:
         state = {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                 "steps_per_epoch": self.sampler.steps_per_epoch,
-                 "metrics": self.metrics, "config": to_dict(self.cfg), "class_names": list(self.train_set.class_names)}
+                 "steps_per_epoch": self.sampler.steps_per_epoch, "metrics": self.metrics, "best": self.best,
+                 "config": to_dict(self.cfg), "class_names": list(self.train_set.class_names), "meta": self.meta()}
         if self.ema is not None:
             state["model_ema"] = self.ema.module.state_dict()
         return state
 
+    def _write(self, name: str, state: dict) -> None:
+        path = self.output / name
+        try:
+            with atomic_write(path) as file:
+                torch.save(state, file)
+        except OSError as error:
+            full = " (disk full)" if error.errno == errno.ENOSPC else ""
+            raise RunError(f"could not write {path}{full}: {error.strerror or error}; the previous {name} is "
+                           "intact") from None
+
     def save(self) -> None:
         if self.env.main:
-            with atomic_write(self.output / CHECKPOINT) as file:
-                torch.save(self.state(), file)
+            self._write(CHECKPOINT, self.state())
 
-    def load(self, path: str) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    def save_best(self, model: nn.Module) -> None:
+        """``best.pt``: the evaluated weights (the EMA's when there is one) and the metadata, to load or predict."""
+        self._write(BEST, {"model": model.state_dict(), "meta": self.meta(), "step": self.step,
+                           "config": to_dict(self.cfg)})
+
+    def load(self, path: Path) -> None:
         try:
-            state = torch.load(path, map_location=self.env.device, weights_only=True)
+            state = load_file(path)
             if state["steps_per_epoch"] != self.sampler.steps_per_epoch:
-                raise ValueError(f"it has {state['steps_per_epoch']} steps per epoch, this run "
-                                 f"{self.sampler.steps_per_epoch}: keep batch_size, accumulate and the process count")
+                raise CheckpointError(f"it has {state['steps_per_epoch']} steps per epoch, this run "
+                                      f"{self.sampler.steps_per_epoch}: keep batch_size, accumulate and the process "
+                                      "count")
+            if self.ema is not None and "model_ema" not in state:
+                raise CheckpointError("it was trained without EMA; resume with ema: false")
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None:
-                if "model_ema" not in state:
-                    raise ValueError("it was trained without EMA; resume with ema: false")
                 self.ema.module.load_state_dict(state["model_ema"])
-        except (RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as error:
+        except (KeyError, RuntimeError, CheckpointError) as error:  # a file of another run, model or version
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"cannot resume from {path}: {reason}") from None
-        self.step, self.metrics = state["step"], state["metrics"]
-        log = self.output / "log.jsonl"
-        if self.env.main and log.is_file():  # forget what the interrupted run logged after its checkpoint
-            log.write_text("".join(json.dumps(r) + "\n" for r in read_log(log) if r["step"] <= self.step))
-
-    # -- logging -------------------------------------------------------------------------------
-    def log(self, record: dict) -> None:
-        if self.env.main:
-            with open(self.output / "log.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
+            raise CheckpointError(f"cannot resume from {path}: {reason}") from None
+        self.step, self.metrics, self.best = state["step"], state["metrics"], state.get("best")
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
         self.model.train()
         torch.manual_seed(sample_seed(self.cfg.seed, self.step, self.env.rank))  # dropout etc.: resumable
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
                 losses = self.task.losses(self.model, batch, self.env.device)
                 loss = sum(losses.values())
-            if not torch.isfinite(loss) and not self.scaler.is_enabled():  # the scaler skips float16 overflows
-                raise FloatingPointError(f"step {self.step}: loss is {loss.item()} ({losses}); lower lr or disable amp")
             self.scaler.scale(loss / len(batches)).backward()
             for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / len(batches)
+                totals[name] = totals.get(name, 0.0) + value.detach().float() / len(batches)
+        # one all-reduce for the logged means and the count of processes whose loss is not finite
+        values = torch.stack([*totals.values(), (~torch.isfinite(sum(totals.values()))).float()])
+        values = self.env.sum(values.double())
+        *means, nonfinite = (values / torch.tensor([self.env.world] * len(totals) + [1.0], dtype=values.dtype,
+                                                   device=values.device)).tolist()
+        if nonfinite and not self.scaler.is_enabled():  # the scaler skips float16 overflows itself
+            detail = ", ".join(f"{name} {value:.4g}" for name, value in zip(totals, means))
+            raise FloatingPointError(f"step {self.step}: the loss is not finite in {int(nonfinite)} of "
+                                     f"{self.env.world} process(es) ({detail}); lower lr, set grad_clip or turn "
+                                     "amp off")
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -203,11 +277,12 @@ class Trainer:
         self.step += 1
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.step)
-        totals["loss"] = sum(totals.values())
-        return self.env.mean(totals)
+        record = dict(zip(totals, means))
+        record["loss"] = sum(means)
+        return record
 
-    def micro_batches(self, epoch: int, start: int) -> Iterator[list]:
-        self.sampler.set_epoch(epoch, start)
+    def micro_batches(self, epoch: int, start: int, stop: int) -> Iterator[list]:
+        self.sampler.set_epoch(epoch, start, stop)
         group = []
         for batch in self.loader:
             group.append(batch)
@@ -217,44 +292,75 @@ class Trainer:
 
     def fit(self) -> dict:
         steps = self.sampler.steps_per_epoch
-        while self.step < self.total_steps:
-            epoch, start = divmod(self.step, steps)
-            bar = tqdm(self.micro_batches(epoch, start), total=min(steps, self.total_steps - epoch * steps),
-                       initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.env.main,
-                       dynamic_ncols=True)
-            for batches in bar:
-                began = time.perf_counter()
-                losses = self.train_step(batches)
-                if self.step % self.cfg.log_every == 0 or self.step == 1:
-                    self.log({"step": self.step, "epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
-                              "seconds": round(time.perf_counter() - began, 4), **losses})
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self.step % self.cfg.checkpoint_every == 0:
-                    self.save()
-                if self.callback:
-                    self.callback(self)
-                if self.step >= self.total_steps:
-                    break
-            bar.close()
-            epoch_done = self.step % steps == 0
-            if self.step >= self.total_steps or (epoch_done and self.cfg.eval_every and
-                                                 (epoch + 1) % self.cfg.eval_every == 0):
-                self.evaluate(epoch + 1)
-            self.save()
+        try:
+            while self.step < self.total_steps:
+                epoch, start = divmod(self.step, steps)
+                stop = min(steps, self.total_steps - epoch * steps)
+                bar = tqdm(self.micro_batches(epoch, start, stop), total=stop, initial=start,
+                           desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.env.main, dynamic_ncols=True)
+                for batches in bar:
+                    began = time.perf_counter()
+                    losses = self.train_step(batches)
+                    if self.env.main and (self.step % self.cfg.log_every == 0 or self.step == 1):
+                        self.log.train({"step": self.step, "epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
+                                        "seconds": round(time.perf_counter() - began, 4), **losses})
+                    bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    if self.step % self.cfg.checkpoint_every == 0:
+                        self.save()
+                    if self.callback:
+                        self.callback(self)
+                bar.close()
+                epoch_done = self.step % steps == 0
+                if self.step >= self.total_steps or (epoch_done and self.cfg.eval_every and
+                                                     (epoch + 1) % self.cfg.eval_every == 0):
+                    self.evaluate(epoch + 1)
+                self.save()
+        finally:
+            self.close()
         return self.metrics
 
     def evaluate(self, epoch: int) -> dict:
-        """Evaluate the EMA (if any) or the model on rank 0, log it and redraw the plot."""
+        """Evaluate the EMA (if any) or the model, every process on its share of the validation set; log and plot
+        the metrics, draw a few predictions, and keep ``best.pt`` when the main metric improves."""
         model = self.ema.module if self.ema is not None else unwrap(self.model)
         if self.cfg.bn_recalibrate:  # on every process (SyncBatchNorm layers talk to each other), same batches
             self.sampler.set_epoch(epoch - 1)  # whether or not the run was resumed
             recalibrate_bn(model, self.loader, self.task, self.env.device, self.cfg.bn_recalibrate)
         if self.env.main:
-            self.metrics = self.task.evaluate(model, self.val_set, self.cfg, self.env.device, self.output)
-            self.log({"step": self.step, "epoch": epoch, "eval": self.metrics})
-            plot_log(self.output / "log.jsonl", self.output / "plot.png", self.task.main_metric)
+            print(f"evaluation after epoch {epoch}/{self.cfg.epochs} (step {self.step}):")
+        self.metrics = self.task.evaluate(model, self.val_set, self.cfg, self.env,
+                                          self.output if self.env.main else None)
+        if self.env.main:
+            pictures = self.task.pictures(model, self.val_set, self.env.device) if self.log.writer else []
+            self.log.evaluation(self.step, epoch, self.metrics, pictures)
+            score = self.metrics.get(self.task.main_metric)
+            if score is not None and math.isfinite(score) and (self.best is None or score > self.best):
+                self.best = score
+                self.save_best(model)
         self.env.barrier()
         return self.metrics
+
+    def close(self) -> None:
+        """Flush the logs and release the run folder."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def summary(self) -> str:
+        """Where everything went, and the final score."""
+        score = self.metrics.get(self.task.main_metric, float("nan"))
+        best = float("nan") if self.best is None else self.best
+        curves = f"{self.output / PLOT}, {self.output / LOG}"
+        if self.log is not None and self.log.writer is not None:
+            curves += f", TensorBoard (tensorboard --logdir {self.output})"
+        return "\n".join([
+            f"done: {self.step} steps; {self.task.main_metric} = {score:.4f} (best {best:.4f})",
+            f"  run folder  {self.output}",
+            f"  weights     {self.output / BEST} (best), {self.output / CHECKPOINT} (last, to resume)",
+            f"  curves      {curves}",
+            f"  evaluation  {', '.join(str(self.output / name) for name in self.task.outputs)}",
+            f"  data        {self.task.data_location(self.train_set)}"])
 
 
 @torch.no_grad()
@@ -273,3 +379,37 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
+
+
+def train(config: str | os.PathLike | dict | TrainConfig, resume: str | os.PathLike | None = None,
+          **overrides) -> Run:
+    """Train with the same engine as ``tools/train_*.py`` and return the run (its folder, metrics, checkpoints).
+
+    ``config``: a YAML file, a mapping of :class:`TrainConfig` keys, or a ``TrainConfig``; ``overrides`` replace
+    its keys (``heads.train("configs/x.yaml", epochs=3, data_root="/data/coco")``). The task's recipe (detection
+    or segmentation defaults) fills in the rest. ``resume``: a run folder or checkpoint to continue, or ``"auto"``
+    (the output folder's last checkpoint when there is one).
+    """
+    from .tasks import get_task
+
+    if isinstance(config, (TrainConfig, dict)):
+        values, path = to_dict(config) if isinstance(config, TrainConfig) else dict(config), None
+    else:
+        values, path = {}, config
+    values.update(overrides)
+    task = get_task({**(read_yaml(path) if path else {}), **values}.get("task", "detection"))
+    return run_training(load_config(path, values, **{**task.defaults, "task": task.name}), resume)
+
+
+def run_training(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Run:
+    """Train ``cfg`` (``resume`` as in :func:`train`), print where everything went, and return the run."""
+    from .tasks import get_task
+
+    if resume == "auto":
+        resume = cfg.output if (Path(cfg.output) / CHECKPOINT).is_file() else None
+    trainer = Trainer(cfg, get_task(cfg.task), resume=resume)
+    metrics = trainer.fit()
+    if trainer.env.main:
+        print(trainer.summary())
+    return Run(trainer.output, metrics, trainer.step)
+

@@ -1,15 +1,20 @@
-"""What the training engine needs to know about each task: datasets, model, loss and evaluation."""
+"""What the training engine needs to know about each task: datasets, model, loss, evaluation and pictures."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbbackbones.choices import check_choice
+
 from .. import registry
-from .config import TrainConfig
-from .engine import unwrap
+from .config import ConfigError, TrainConfig
+from .engine import Distributed, unwrap
+
+PICTURES = 4  # validation images drawn into TensorBoard at each evaluation
 
 
 def _moved(targets, device):
@@ -17,34 +22,70 @@ def _moved(targets, device):
 
 
 class Task:
-    """The engine's view of a task; subclasses add datasets, collate, losses and evaluation."""
+    """The engine's view of a task; subclasses add datasets, collate, losses, evaluation and pictures."""
 
     name: str
     main_metric: str
+    datasets_help: dict[str, str]  # dataset name -> what data_root must hold ("" for builtin)
+    policies: dict  # augment name -> what it means for the task's transform
+    outputs: tuple[str, ...]  # files an evaluation writes into the run folder
+    tool: str
     defaults: dict = {}  # TrainConfig values that differ from the (detection) defaults
 
-    @staticmethod
-    def model(cfg: TrainConfig, train_set) -> nn.Module:
-        return registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
-                                     pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """Everything about ``cfg`` that can be checked before reading data: one line naming the key if wrong."""
+        entry = registry.check_name(cfg.model)
+        if entry.model_cls.task != cls.name:
+            tool = TASKS[entry.model_cls.task].tool
+            raise ConfigError(f"model {cfg.model} is a {entry.model_cls.task} model, not a {cls.name} one: train it "
+                              f"with {tool}, or choose one of {', '.join(registry.list_models(cls.name))}")
+        for key in ("num_classes", "pretrained", "pretrained_backbone"):
+            if key in cfg.model_kwargs:
+                where = "comes from the dataset" if key == "num_classes" else f"is the config key {key}"
+                raise ConfigError(f"model_kwargs: {key} {where}; remove it from model_kwargs")
+        if cfg.dataset not in cls.datasets_help:
+            raise ConfigError(f"dataset: {cfg.dataset!r} is not a {cls.name} dataset; choose one of "
+                              f"{', '.join(cls.datasets_help)}")
+        if cfg.dataset == "builtin" and cfg.data_root:
+            real = next(name for name in cls.datasets_help if name != "builtin")
+            raise ConfigError(f"data_root is {cfg.data_root} but dataset is builtin, which is generated under "
+                              f"$MBBACKBONES_DATA; to train on {cfg.data_root}, set dataset: {real}")
+        if cfg.dataset != "builtin" and not cfg.data_root and not cls.explicit_paths(cfg):
+            raise ConfigError(f"dataset: {cfg.dataset} needs data_root ({cls.datasets_help[cfg.dataset]})")
+        if cfg.augment not in cls.policies:
+            raise ConfigError(f"augment: {cfg.augment!r} is not a {cls.name} policy; choose one of "
+                              f"{', '.join(cls.policies)}")
 
     @staticmethod
-    def check_dataset(cfg: TrainConfig, choices: dict[str, str], policies) -> None:
-        if cfg.dataset not in choices:
-            raise ValueError(f"dataset={cfg.dataset!r} is not a {cfg.task} dataset; choose one of {', '.join(choices)}")
-        if cfg.dataset != "builtin" and not cfg.data_root:
-            raise ValueError(f"dataset: {cfg.dataset} needs data_root ({choices[cfg.dataset]})")
-        if cfg.augment not in policies:
-            raise ValueError(f"augment={cfg.augment!r} is not a {cfg.task} policy; choose one of {', '.join(policies)}")
+    def explicit_paths(cfg: TrainConfig) -> bool:
+        """Whether the config names every data file itself, so that no data_root is needed."""
+        return False
+
+    @classmethod
+    def model(cls, cfg: TrainConfig, train_set) -> nn.Module:
+        """The registered model, its classes and their dataset ids in its metadata."""
+        model = registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
+                                      pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+        model.meta.update(categories=list(train_set.class_names), dataset_ids=cls.dataset_ids(train_set),
+                          model_kwargs=dict(cfg.model_kwargs), weights=None)
+        return model
 
 
 class DetectionTask(Task):
-    """SSDLite on COCO or the built-in COCO-format dataset."""
+    """SSDLite on COCO (or a COCO-format folder) or the built-in COCO-format dataset."""
 
     name = "detection"
     main_metric = "AP"
+    datasets_help = {"coco": "the folder with train2017/, val2017/, annotations/", "builtin": ""}
     policies = {"ssdlite": dict(zoom_out=False, photometric=False), "ssd": {},
                 "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
+    outputs = ("detections.json", "metrics.txt", "metrics.json")
+    tool = "tools/train_det.py"
+
+    @staticmethod
+    def explicit_paths(cfg: TrainConfig) -> bool:
+        return all((cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations))
 
     @staticmethod
     def datasets(cfg: TrainConfig):
@@ -52,14 +93,22 @@ class DetectionTask(Task):
         from ..detection.coco import CocoDetection
         from ..detection.transforms import SSDTrainTransform
 
-        policies = DetectionTask.policies
-        Task.check_dataset(cfg, {"coco": "the folder with train2017/, val2017/, annotations/", "builtin": ""},
-                           policies)
-        root = cfg.data_root if cfg.dataset == "coco" else builtin_coco(cfg.data_root)
-        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **policies[cfg.augment])
+        root = cfg.data_root if cfg.dataset == "coco" else builtin_coco()
+        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
         common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
-        train = CocoDetection(root, cfg.train_split, transform=transform, train=True, **common)
-        return train, CocoDetection(root, cfg.val_split, **common)
+        train = CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
+                              annotation_file=cfg.train_annotations, **common)
+        return train, CocoDetection(root, cfg.val_split, image_dir=cfg.val_images,
+                                    annotation_file=cfg.val_annotations, **common)
+
+    @staticmethod
+    def dataset_ids(dataset) -> list[int | None]:
+        """COCO category id of each label (None: background or unused)."""
+        return [dataset.label_to_category.get(label) for label in range(dataset.num_classes)]
+
+    @staticmethod
+    def data_location(dataset) -> str:
+        return f"{dataset.image_dir} with {dataset.annotation_file}"
 
     @staticmethod
     def collate(batch):
@@ -78,21 +127,43 @@ class DetectionTask(Task):
         model.predict(torch.stack([model.resize(image.to(device)) for image in images]))
 
     @staticmethod
-    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
-        """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images)."""
+    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, env: Distributed, output: Path | None = None) -> dict:
+        """COCO box AP of ``model`` on ``dataset`` (its first ``cfg.eval_limit`` images), shared out over the
+        processes; the metrics on every process."""
         from ..detection.evaluate import evaluate_model
 
-        metrics = evaluate_model(model, dataset, device, cfg.batch_size, cfg.eval_limit, cfg.workers,
-                                 cfg.eval_backend, output)
-        print(metrics.summary)
-        return metrics.stats
+        metrics = evaluate_model(model, dataset, env.device, cfg.batch_size, cfg.eval_limit, cfg.workers,
+                                 cfg.scorer, output, env)
+        if metrics is not None:
+            print(metrics.summary)
+        return env.broadcast(metrics.stats if metrics is not None else None)
+
+    @staticmethod
+    @torch.no_grad()
+    def pictures(model: nn.Module, dataset, device) -> list[np.ndarray]:
+        """The first validation images with the model's detections scoring 0.3 or more drawn on them."""
+        from ..visualize import draw_detections
+
+        model.eval()
+        pictures = []
+        for index in range(min(PICTURES, len(dataset))):
+            image, _ = dataset[index]
+            detections = model([image.to(device)])[0]
+            photo = (image * 255).round().byte().permute(1, 2, 0).numpy()
+            pictures.append(np.asarray(draw_detections(photo, **{k: v.cpu() for k, v in detections.items()},
+                                                       class_names=dataset.class_names)))
+        return pictures
 
 
 class SegmentationTask(Task):
-    """LR-ASPP on Cityscapes or the built-in Cityscapes-layout dataset."""
+    """LR-ASPP on Cityscapes (or a Cityscapes-layout folder) or the built-in Cityscapes-layout dataset."""
 
     name = "segmentation"
     main_metric = "mIoU"
+    datasets_help = {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""}
+    policies = {"default": True, "none": False}
+    outputs = ("metrics.txt", "metrics.json", "confusion.png")
+    tool = "tools/train_seg.py"
     # mmsegmentation's LR-ASPP Cityscapes recipe: SGD 0.01 per 16 images, poly decay, 512x1024 crops
     defaults = dict(model="lraspp_mbv3_large", dataset="builtin", train_split="train", val_split="val",
                     augment="default", lr=0.01, lr_batch=16, weight_decay=4e-5, scheduler="poly", warmup_steps=0,
@@ -104,11 +175,21 @@ class SegmentationTask(Task):
         from ..segmentation.cityscapes import Cityscapes
         from ..segmentation.transforms import SegTrainTransform
 
-        Task.check_dataset(cfg, {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""},
-                           ("default", "none"))
-        root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes(cfg.data_root)
-        transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if cfg.augment == "default" else None
+        root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
+        transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if SegmentationTask.policies[cfg.augment] \
+            else None
         return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
+
+    @staticmethod
+    def dataset_ids(dataset) -> list[int]:
+        """Cityscapes label id of each train id."""
+        from ..segmentation.cityscapes import TRAIN_ID_TO_ID
+
+        return TRAIN_ID_TO_ID[:dataset.num_classes].tolist()
+
+    @staticmethod
+    def data_location(dataset) -> str:
+        return str(dataset.root)
 
     @staticmethod
     def collate(batch):
@@ -125,19 +206,36 @@ class SegmentationTask(Task):
         model(unwrap(model).normalize(batch[0].to(device)))
 
     @staticmethod
-    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device, output: Path | None = None) -> dict:
+    def evaluate(model: nn.Module, dataset, cfg: TrainConfig, env: Distributed, output: Path | None = None) -> dict:
+        """Cityscapes IoU of ``model`` on ``dataset``, shared out over the processes; the metrics on every one."""
         from ..segmentation.evaluate import evaluate_model
 
-        metrics = evaluate_model(model, dataset, device, limit=cfg.eval_limit, output=output, workers=cfg.workers)
-        print(metrics.table())
+        metrics = evaluate_model(model, dataset, env.device, limit=cfg.eval_limit, output=output, workers=cfg.workers,
+                                 env=env)
+        if env.main:
+            print(metrics.table())
         return {"mIoU": metrics.miou, "category_mIoU": metrics.category_miou,
                 "pixel_accuracy": metrics.pixel_accuracy}
+
+    @staticmethod
+    @torch.no_grad()
+    def pictures(model: nn.Module, dataset, device) -> list[np.ndarray]:
+        """The first validation images with the predicted classes overlaid in their Cityscapes colours."""
+        from ..segmentation.cityscapes import PALETTE
+        from ..visualize import overlay_mask
+
+        model.eval()
+        pictures = []
+        for index in range(min(PICTURES, len(dataset))):
+            image, _ = dataset[index]
+            mask = model(model.normalize(image[None].to(device)))[0].argmax(0).cpu().numpy()
+            pictures.append(np.asarray(overlay_mask(image.permute(1, 2, 0).numpy(), mask, PALETTE)))
+        return pictures
 
 
 TASKS = {"detection": DetectionTask, "segmentation": SegmentationTask}
 
 
-def get_task(name: str):
-    if name not in TASKS:
-        raise ValueError(f"task={name!r} is not supported; choose one of {', '.join(TASKS)}")
+def get_task(name: str) -> type[Task]:
+    check_choice("task", name, TASKS)
     return TASKS[name]

@@ -17,16 +17,19 @@ ROOT = Path(__file__).parents[2]
 
 def tiny(tmp_path, data_root, **overrides) -> dict:
     """A detection run small enough for a test: SSDLite on V3-Small at 160 px, a few steps."""
-    return {**dict(model="ssdlite320_mbv3_small_reduced", model_kwargs={"size": 160}, data_root=str(data_root),
+    return {**dict(model="ssdlite320_mbv3_small_reduced", model_kwargs={"size": 160},
                    batch_size=2, workers=0, optimizer="adam", lr=1e-3, lr_batch=2, warmup_steps=2, epochs=1,
                    max_steps=6, checkpoint_every=2, eval_limit=2, log_every=1, output=str(tmp_path)), **overrides}
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """The built-in COCO-format set, in a temporary $MBBACKBONES_DATA."""
     from heads.detection.builtin import builtin_coco
 
-    return builtin_coco(tmp_path_factory.mktemp("data") / "builtin_coco")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
+        yield builtin_coco()
 
 
 def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
@@ -34,7 +37,7 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
         make_config({"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
         parse_overrides(["--epoch", "3"])
-    with pytest.raises(ConfigError, match="batch_size must be int, got 'two'"):
+    with pytest.raises(ConfigError, match="batch_size must be an integer, got 'two'"):
         make_config({"batch_size": "two"})
     (tmp_path / "bad.yaml").write_text("lr: [0.1\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
@@ -118,7 +121,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, data_root):
     tool = str(ROOT / "tools" / "train_det.py")
     subprocess.run([sys.executable, tool, *args, "--accumulate", "2", "--output", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     tool, *args, "--output", str(tmp_path / "two")], check=True, env=env, capture_output=True)
     assert len(losses(tmp_path / "one")) == 3
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
