@@ -2,19 +2,25 @@
 normalisation its weights expect."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 import mbbackbones
+from mbbackbones.checkpoint import WeightsUnavailable
 
 
-def create_backbone(name: str, pretrained_backbone: str | None = None, **kwargs) -> nn.Module:
-    """A timm ``features_only`` backbone; ``pretrained_backbone`` is a local file (torchvision, timm or ours)."""
-    if pretrained_backbone:
+def create_backbone(name: str, pretrained_backbone: bool | str | os.PathLike | None = None, **kwargs) -> nn.Module:
+    """A timm ``features_only`` backbone; ``pretrained_backbone``: ``True`` for its default published (ImageNet)
+    weights, or a local file (torchvision, timm or ours)."""
+    if pretrained_backbone and pretrained_backbone is not True:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_backbone))
-    return mbbackbones.create_model(name, pretrained=bool(pretrained_backbone), features_only=True, **kwargs)
+    try:
+        return mbbackbones.create_model(name, pretrained=bool(pretrained_backbone), features_only=True, **kwargs)
+    except WeightsUnavailable as error:
+        raise error.instead("a local file with pretrained_backbone=PATH, or pretrained_backbone=False") from None
 
 
 class Normalize(nn.Module):
@@ -25,6 +31,7 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
+        self.statistics = [float(v) for v in mean], [float(v) for v in std]  # as data, for the model's metadata
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 

@@ -11,36 +11,63 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+from mbbackbones.choices import ArgumentError
 
 
 def _parser(description: str):
     """A parser with --model and --device, and a required group holding --weights (tools add alternatives)."""
     parser = argparse.ArgumentParser(description=description)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="training run folder, its last.pt, or a state dict file")
-    parser.add_argument("--model", help="registered model name (default: the run's)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    source.add_argument("--weights", help="a training run folder (its best.pt), a weights file, an exported file "
+                                          "(.onnx, .xml, .pte, .tflite) or a registered name (published weights)")
+    parser.add_argument("--model", help="the registered model of a plain state dict")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (exported files: the CPU)")
     return parser, source
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_data(parser: argparse.ArgumentParser, split: str) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data-root", help="dataset root")
+    data.add_argument("--data-root", "--data_root", dest="data_root", help="dataset root")
     data.add_argument("--builtin", action="store_true", help="the built-in dataset (generated on first use)")
     parser.add_argument("--split", default=split)
-    parser.add_argument("--limit", type=int, help="first N images only")
+    parser.add_argument("--limit", type=positive, help="first N images only")
     parser.add_argument("--out", type=Path, help="folder for the outputs")
     parser.add_argument("--json", type=Path, help="write the metrics here")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (config, data, weights, paths, choices): one line, no traceback. Anything else
+    is a bug and keeps its traceback."""
+    from mbbackbones.checkpoint import CheckpointError, WeightsUnavailable
+
+    from .data import DataError
+    from .training.config import ConfigError
+    from .training.run import RunError
+
+    return (ArgumentError, ConfigError, DataError, CheckpointError, WeightsUnavailable, RunError, FileNotFoundError,
+            FloatingPointError)
+
+
+def _user_errors_exit(parser: argparse.ArgumentParser, body: Callable):
+    """``body()``, with the :func:`user_errors` it raises ending the tool: one line on stderr, exit status 2."""
+    try:
+        return body()
+    except user_errors() as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable):
     """Parse ``argv`` and call ``body(args)``; input errors exit with one line and status 2."""
     args = parser.parse_args(argv)
-    try:
-        return body(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"error: {error}\n")
+    return _user_errors_exit(parser, lambda: body(args))
 
 
 def _write_json(path: Path | None, metrics) -> None:
@@ -51,30 +78,29 @@ def _write_json(path: Path | None, metrics) -> None:
 
 # -- training ---------------------------------------------------------------------------------------------------
 
-def train_main(argv: list[str] | None = None, task: str = "detection") -> dict:
-    """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the final metrics."""
-    from .training.config import load_config
-    from .training.engine import CHECKPOINT, Trainer
+def train_main(argv: list[str] | None = None, task: str = "detection"):
+    """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the ``Run``."""
+    from .training.config import ConfigError, describe_fields, load_config
+    from .training.engine import run_training
     from .training.tasks import get_task
 
-    parser = argparse.ArgumentParser(description=f"Train a {task} model. Any config key can be overridden "
-                                                 "with --key value (see heads/training/config.py for the list).")
-    parser.add_argument("--config", help="YAML file with TrainConfig keys")
-    parser.add_argument("--resume", help="checkpoint (or run folder) to continue exactly; 'auto': the output's")
+    parser = argparse.ArgumentParser(
+        description=f"Train a {task} model. Any config key can be given as --key value (or --key=value), after the "
+                    "config file's values.", epilog="config keys:\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with config keys")
+    parser.add_argument("--resume", help="run folder (or its checkpoint) to continue exactly; 'auto': the output "
+                                         "folder's, when it has one")
     args, overrides = parser.parse_known_args(argv)
-    try:
+
+    def body():
         cfg = load_config(args.config, overrides, task=task, **get_task(task).defaults)
-        resume = args.resume
-        if resume == "auto":
-            resume = str(Path(cfg.output) / CHECKPOINT) if (Path(cfg.output) / CHECKPOINT).is_file() else None
-        trainer = Trainer(cfg, get_task(cfg.task), resume=resume)
-        metrics = trainer.fit()
-    except (ValueError, FileNotFoundError) as error:  # config, data and checkpoint errors: one line, no traceback
-        parser.exit(2, f"error: {error}\n")
-    if trainer.env.main:
-        print(f"done: {trainer.step} steps; checkpoint {trainer.output / CHECKPOINT}; "
-              f"{trainer.task.main_metric} = {metrics.get(trainer.task.main_metric, float('nan')):.4f}")
-    return metrics
+        if cfg.task != task:
+            raise ConfigError(f"{args.config}: task is {cfg.task}; this tool trains {task} models (use "
+                              f"{get_task(cfg.task).tool})")
+        return run_training(cfg, args.resume)
+
+    return _user_errors_exit(parser, body)
 
 
 # -- detection --------------------------------------------------------------------------------------------------
@@ -88,37 +114,61 @@ def eval_det_main(argv: list[str] | None = None):
     source.add_argument("--results", help="score this COCO results JSON instead of running a model")
     _add_data(parser, "val2017")
     parser.add_argument("--label-mode", choices=LABEL_MODES, help="default: the run's, else contiguous")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--backend", choices=BACKENDS, default="pycocotools")
+    parser.add_argument("--batch-size", type=positive, default=8)
+    parser.add_argument("--scorer", choices=BACKENDS, default="pycocotools", help="the COCOeval implementation")
     return _run(parser, argv, _eval_det)
 
 
 def _eval_det(args):
-    from .deploy.predictor import find_weights, load_model, resolve_device
     from .detection.builtin import builtin_coco
     from .detection.coco import CocoDetection
-    from .detection.evaluate import evaluate, load_results, predict_detections, save_results, to_coco_results
+    from .detection.evaluate import detect_dataset, evaluate, evaluate_model, load_results, save_results
 
-    config = find_weights(args.weights)[1] if args.weights else None
+    network, config = _network(args, "detection") if args.weights else (None, None)
     label_mode = args.label_mode or (config.label_mode if config else "contiguous")
     dataset = CocoDetection(args.data_root or builtin_coco(), args.split, label_mode=label_mode)
-    image_ids = dataset.image_ids[:args.limit]
-    if args.results:
-        results = load_results(args.results)
-    else:
-        device = resolve_device(args.device)
-        loaded = load_model(args.weights, args.model, num_classes=dataset.num_classes, device=device)
-        detections, image_ids = predict_detections(loaded.model, dataset, args.batch_size, device, args.limit)
-        results = to_coco_results(detections, image_ids, dataset.label_to_category)
-        if args.out:
-            save_results(results, args.out / "detections.json")
     if not dataset.coco.anns:  # test-dev: nothing to score here; the results file is the submission
-        print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server")
+        if network is None:
+            raise ArgumentError(f"{args.split} has no annotations to score --results against")
+        if args.out is None:
+            raise ArgumentError(f"{args.split} has no annotations: pass --out, where the submission file goes")
+        results, _ = detect_dataset(network, dataset, _device(args), args.batch_size, args.limit)
+        save_results(results, args.out / "detections.json")
+        print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server to "
+              f"{args.out / 'detections.json'}")
         return None
-    metrics = evaluate(dataset.coco, results, backend=args.backend, image_ids=image_ids)
+    if args.results:
+        metrics = evaluate(dataset.coco, load_results(args.results), backend=args.scorer,
+                           image_ids=dataset.image_ids[:args.limit])
+    else:
+        metrics = evaluate_model(network, dataset, _device(args), args.batch_size, args.limit, backend=args.scorer,
+                                 output=args.out)
     print(metrics.summary, metrics.per_class_table(), sep="\n\n")
     _write_json(args.json, metrics.to_json())
     return metrics
+
+
+def _device(args):
+    from .deploy.predictor import resolve_device
+
+    return resolve_device(args.device)
+
+
+def _network(args, task: str):
+    """What an evaluation tool scores: the PyTorch model (evaluated exactly as in training) and its run's config,
+    or, for an exported file, a :class:`~heads.deploy.predictor.Predictor` on its runtime."""
+    from .deploy.predictor import Predictor, exported_suffixes, load_model
+
+    if Path(args.weights).suffix in exported_suffixes():
+        network, config, kind = Predictor(args.weights), None, None
+        kind = network.task
+    else:
+        loaded = load_model(args.weights, args.model, device=_device(args))
+        network, config, kind = loaded.model, loaded.config, loaded.task
+    if kind != task:
+        tool = "tools/eval_det.py" if kind == "detection" else "tools/eval_seg.py"
+        raise ArgumentError(f"{args.weights} is a {kind} model; evaluate it with {tool}")
+    return network, config
 
 
 # -- segmentation -----------------------------------------------------------------------------------------------
@@ -141,13 +191,12 @@ def eval_seg_main(argv: list[str] | None = None):
 
 
 def _eval_seg(args):
-    from .deploy.predictor import load_model, resolve_device
     from .segmentation.builtin import builtin_cityscapes
     from .segmentation.cityscapes import Cityscapes
     from .segmentation.evaluate import evaluate_folder, evaluate_model, plot_confusion
 
     if args.write_predictions and not args.out:
-        raise ValueError("--write-predictions needs --out (the folder to write them to)")
+        raise ArgumentError("--write-predictions needs --out (the folder to write them to)")
     dataset = Cityscapes(args.data_root or builtin_cityscapes(), args.split)
     # the first --limit samples, so that a model and --predictions are scored on the same files
     dataset.files, dataset.stems = dataset.files[:args.limit], dataset.stems[:args.limit]
@@ -157,11 +206,10 @@ def _eval_seg(args):
             args.out.mkdir(parents=True, exist_ok=True)
             plot_confusion(metrics.confusion, dataset.class_names, args.out / "confusion.png")
     else:
-        device = resolve_device(args.device)
-        model = load_model(args.weights, args.model, device=device).model
-        metrics = evaluate_model(model, dataset, device, output=args.out, write=args.write_predictions,
-                                   mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,
-                                   scales=args.scales)
+        network, _ = _network(args, "segmentation")
+        metrics = evaluate_model(network, dataset, _device(args), output=args.out, write=args.write_predictions,
+                                 mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,
+                                 scales=args.scales)
     print(metrics.table())
     _write_json(args.json, metrics.to_json())
     return metrics
@@ -169,62 +217,46 @@ def _eval_seg(args):
 
 # -- inference --------------------------------------------------------------------------------------------------
 
-def list_images(path: Path) -> list[Path]:
-    """``path`` itself, or the images directly inside the folder ``path``, sorted."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"input not found: {path}")
-    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
-    return images
-
-
 def infer_main(argv: list[str] | None = None) -> list:
-    """Predict on an image or a folder; write one PNG picture per image; returns the timings."""
-    from .deploy.predictor import BACKENDS as INFER_BACKENDS
-
-    parser, _ = _parser("Run a detector or segmenter on images; write pictures of the predictions.")
+    """``tools/infer.py``: predict on images, write a picture per image and the results; returns the results."""
+    parser = argparse.ArgumentParser(
+        description="Predict with a detector or segmenter on images, folders or globs: a picture per image, plus "
+                    "detections.json (COCO results) or label-id PNGs, in --out.")
+    parser.add_argument("--weights", required=True,
+                        help="a registered name (its published weights), a training run folder (its best.pt), a "
+                             "weights file, or an exported file (.onnx, .xml, .pte, .tflite: the runtime follows)")
+    parser.add_argument("--model", help="the registered model of a plain state dict")
+    parser.add_argument("inputs", nargs="+", help="images, folders of images or globs (quote them)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures and result files")
     parser.add_argument("--task", choices=("detection", "segmentation"), help="checked against the model's")
-    parser.add_argument("input", type=Path, help="an image or a folder of images")
-    parser.add_argument("--out", type=Path, required=True, help="folder for <image stem>.png pictures")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="detection: draw boxes scoring this or more")
-    parser.add_argument("--backend", choices=INFER_BACKENDS, default="pytorch",
-                        help="onnxruntime: the exported graph on ONNX Runtime (CPU); pre/post-processing as pytorch")
-    parser.add_argument("--onnx", type=Path, help="with --backend onnxruntime: this file from tools/export.py "
-                                                  "(default: export the model now)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (exported files: the CPU)")
+    parser.add_argument("--score-thresh", type=float, help="detection: keep (and draw) boxes scoring this or more "
+                                                           "(default: the model's, drawing those over 0.3)")
+    parser.add_argument("--nms-thresh", type=float, help="detection: NMS IoU threshold (default: the model's)")
+    parser.add_argument("--max-det", type=positive, help="detection: detections per image (default: the model's)")
+    parser.add_argument("--batch-size", type=positive, default=8, help="images per forward pass")
+    parser.add_argument("--threads", type=positive, help="exported files: the runtime's threads")
     return _run(parser, argv, _infer)
 
 
 def _infer(args) -> list:
     from tqdm import tqdm
 
-    from .data import read_image
-    from .deploy.predictor import Timings, load_model, make_predictor
-    from .visualize import draw_detections, overlay_mask
+    from .deploy.predictor import Predictor, Timings
 
-    images = list_images(args.input)
-    loaded = load_model(args.weights, args.model, device=args.device)
-    if args.task and args.task != loaded.task:
-        raise ValueError(f"--task {args.task} but {loaded.name} is a {loaded.task} model")
-    predictor = make_predictor(loaded, args.backend, args.onnx)
-    args.out.mkdir(parents=True, exist_ok=True)
-    timings = []
-    for path in tqdm(images, desc="infer", disable=len(images) == 1):
-        image = read_image(path)
-        output, timing = predictor(image)
-        if loaded.task == "detection":
-            picture = draw_detections(image, **output, class_names=loaded.class_names, score_thresh=args.score_thresh)
-        else:
-            from .segmentation.cityscapes import PALETTE
-
-            picture = overlay_mask(image, output, PALETTE)
-        picture.save(args.out / f"{path.stem}.png")
-        tqdm.write(f"{path.name}: {timing}")
-        timings.append(timing)
-    print(f"mean over {len(timings)} images: {Timings.mean(timings)}")
-    return timings
+    predictor = Predictor(args.weights, device=args.device, score_thresh=args.score_thresh,
+                          nms_thresh=args.nms_thresh, max_det=args.max_det, name=args.model,
+                          batch_size=args.batch_size, **({"threads": args.threads} if args.threads else {}))
+    if args.task and args.task != predictor.task:
+        raise ArgumentError(f"--task {args.task} but {args.weights} is a {predictor.task} model")
+    results = []
+    for result in predictor.stream(args.inputs if len(args.inputs) > 1 else args.inputs[0], out=args.out):
+        tqdm.write(f"{result.name}: {result.timings}")
+        results.append(result)
+    print(f"mean over {len(results)} images (after a warm-up): {Timings.mean(r.timings for r in results)}")
+    files = "detections.json (COCO results)" if predictor.task == "detection" else "<name>_labelIds.png"
+    print(f"wrote {len(results)} pictures (<name>.png) and {files} to {args.out}")
+    return results
 
 
 # -- export -----------------------------------------------------------------------------------------------------
@@ -256,12 +288,12 @@ def _export(args) -> list[Path]:
     from .backbone import create_backbone
     from .data import read_image
     from .deploy import export
-    from .deploy.predictor import load_model, resolve_device
+    from .deploy.predictor import list_images, load_model, resolve_device
 
     if args.size is not None and len(args.size) > 2:
-        raise ValueError(f"--size takes S or H W, got {len(args.size)} numbers")
+        raise ArgumentError(f"--size takes S or H W, got {len(args.size)} numbers")
     if args.calibration_images < 1:
-        raise ValueError(f"--calibration-images {args.calibration_images}: at least one image is needed")
+        raise ArgumentError(f"--calibration-images {args.calibration_images}: at least one image is needed")
     device = resolve_device(args.device)
     if args.backbone:
         model = create_backbone(args.backbone, args.backbone_weights).eval().to(device)

@@ -1,18 +1,40 @@
-"""Task models by name: one table of detector / segmenter configurations on registered backbones."""
+"""Task models by name: one table of detector / segmenter configurations on registered backbones, their published
+weights, and their metadata as data."""
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from torch import nn
+from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights
+from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights
 
-from mbbackbones.checkpoint import CheckpointError, read_checkpoint
-from mbbackbones.choices import did_you_mean
+from mbbackbones.checkpoint import CheckpointError, WeightsUnavailable, load_file, weights_of
+from mbbackbones.choices import ArgumentError, did_you_mean
 from mbbackbones.registry import Reference
 
-from .backbone import create_backbone  # noqa: F401  (re-exported)
 from .detection.ssdlite import SSDLite
 from .segmentation.lraspp import LRASPP
+
+
+class Weights(NamedTuple):
+    """Published weights of a task model: where they are, and their metadata (as torchvision's weights carry it)."""
+
+    url: str
+    meta: dict  # categories, dataset_ids, metrics, recipe, and how inputs are resized
+
+    @property
+    def file(self) -> str:
+        return os.path.basename(self.url)
+
+
+def _torchvision(weights, **meta) -> Weights:
+    """torchvision's published weights, with the metadata torchvision gives them."""
+    return Weights(weights.url, dict(categories=list(weights.meta["categories"]), metrics=weights.meta["_metrics"],
+                                     recipe=weights.meta["recipe"], weights=os.path.basename(weights.url), **meta))
 
 
 class TaskEntry(NamedTuple):
@@ -21,13 +43,16 @@ class TaskEntry(NamedTuple):
     backbone: str
     kwargs: dict
     references: tuple[Reference, ...] = ()
+    weights: dict[str, Weights] = {}  # tag -> published weights; the first tag is the default
 
 
 TABLE6 = "MobileNetV3 paper, Table 6 (COCO mAP)"
 MODELS = (
     TaskEntry("ssdlite320_mbv3_large_reduced", SSDLite, "mbv3_large_reduced", {}, (
         Reference(TABLE6, 22.0, 3.22e6, 510),
-        Reference("torchvision ssdlite320_mobilenet_v3_large (91 classes)", 21.3, 3_440_060, 583))),
+        Reference("torchvision ssdlite320_mobilenet_v3_large (91 classes)", 21.3, 3_440_060, 583)),
+        {"coco_v1": _torchvision(SSDLite320_MobileNet_V3_Large_Weights.COCO_V1,
+                                 dataset_ids=list(range(91)))}),  # torchvision's labels are COCO's category ids
     TaskEntry("ssdlite320_mbv3_large", SSDLite, "mbv3_large", {}, (Reference(TABLE6, 22.0, 4.97e6, 620),)),
     TaskEntry("ssdlite320_mbv3_small_reduced", SSDLite, "mbv3_small_reduced", {}, (
         Reference(TABLE6, 16.1, 1.77e6, 160),)),
@@ -37,7 +62,9 @@ MODELS = (
     # torchvision counts its 2086M MAdds at 520x520 (its preset resize); 15786M at 1024x2048
     # (tests/segmentation/test_lraspp.py)
     TaskEntry("lraspp_mbv3_large", LRASPP, "mbv3_large", {}, (
-        Reference("torchvision lraspp_mobilenet_v3_large (21 classes, COCO-VOC mIoU)", 57.9, 3_221_538, 2086),)),
+        Reference("torchvision lraspp_mobilenet_v3_large (21 classes, COCO-VOC mIoU)", 57.9, 3_221_538, 2086),),
+        {"coco_with_voc_labels_v1": _torchvision(LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+                                                 dataset_ids=list(range(21)), resize=520)}),
     # the paper's setting: reduced tail, output stride 16, 128 filters; its pooling is pooling="large_kernel"
     TaskEntry("lraspp_mbv3_large_reduced", LRASPP, "mbv3_large_reduced", {}, (
         Reference("MobileNetV3 paper §6.3 (Cityscapes val mIoU)", 72.6, None, None),)),
@@ -45,52 +72,153 @@ MODELS = (
     TaskEntry("lraspp_mbv3_small_reduced", LRASPP, "mbv3_small_reduced", {}),
 )
 ENTRIES = {entry.name: entry for entry in MODELS}
+DESCRIPTIVE = ("dataset_ids", "metrics", "recipe", "weights", "resize", "model_kwargs")  # metadata carried over
 
 
-def list_models(task: str | None = None) -> list[str]:
-    """Registered task model names, optionally only those of one ``model_cls.task``."""
-    return [e.name for e in MODELS if task is None or e.model_cls.task == task]
+def list_models(task: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered task model names, optionally only one ``model_cls.task``'s or only those with published weights."""
+    return [e.name for e in MODELS if (task is None or e.model_cls.task == task) and (e.weights or not pretrained)]
 
 
 def check_name(name: str) -> TaskEntry:
     if name not in ENTRIES:
-        raise ValueError(f"Unknown task model {name!r}.{did_you_mean(name, ENTRIES)} Available: {', '.join(ENTRIES)}")
+        raise ArgumentError(f"Unknown task model {name!r}.{did_you_mean(name, ENTRIES)} Available: "
+                          f"{', '.join(ENTRIES)}")
     return ENTRIES[name]
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: str | None = None,
-                 pretrained_backbone: str | None = None, backbone: str | None = None, **kwargs) -> nn.Module:
-    """Build a task model by name.
+def create_model(name: str, num_classes: int | None = None, pretrained: bool | str | os.PathLike | None = None,
+                 pretrained_backbone: bool | str | os.PathLike | None = None, backbone: str | None = None,
+                 **kwargs) -> nn.Module:
+    """Build a task model by name, in train mode, with its metadata in ``model.meta``.
 
     Args:
         name: one of ``list_models()``.
-        num_classes: number of classes (detection: including background at label 0).
-        pretrained: a local file with weights for the whole model: ours, a training checkpoint
-            from ``tools/train_*.py``, or torchvision's state dict for the same architecture.
-        pretrained_backbone: a local file with backbone weights (ImageNet checkpoints).
+        num_classes: number of classes (detection: including background at label 0); by default the published
+            weights' or the checkpoint's, else the model's default.
+        pretrained: whole-model weights: ``True`` (the published default), a published tag (``list_weights(name)``),
+            or a file: ours, a training checkpoint (``best.pt`` / ``last.pt``) or torchvision's state dict for the
+            same architecture. Published files are downloaded once into torch's hub cache (``$TORCH_HOME``).
+        pretrained_backbone: ``True`` (the backbone's default ImageNet weights) or a file with backbone weights.
         backbone: any registered backbone name, replacing the entry's default.
         kwargs: constructor arguments of the model class.
     """
     entry = check_name(name)
+    if pretrained and pretrained_backbone:
+        raise ArgumentError(f"{name}: pretrained and pretrained_backbone together; the whole-model weights replace the "
+                          "backbone's, so pass one of them")
+    checkpoint, meta, source = _weights(entry, pretrained)
+    return _build(entry, checkpoint, meta, source, num_classes, pretrained_backbone, backbone, kwargs)
+
+
+def load_checkpoint(path: str | os.PathLike, name: str | None = None, **kwargs) -> tuple[nn.Module, dict]:
+    """The model a weights file holds, and the file's contents (read once).
+
+    A training checkpoint names its model in its metadata; a plain state dict needs ``name``, unless it is one of
+    the registry's published files. ``kwargs`` are :func:`create_model`'s.
+    """
+    checkpoint = load_file(path)
+    meta = checkpoint.get("meta") or {}
+    published = {weights.file: entry.name for entry in MODELS for weights in entry.weights.values()}
+    name = name or meta.get("name") or published.get(Path(path).name)
+    if name is None:
+        raise ArgumentError(f"{path} is a plain state dict: say which model it belongs to (one of "
+                          f"{', '.join(ENTRIES)})")
+    num_classes, backbone = kwargs.pop("num_classes", None), kwargs.pop("backbone", None)
+    model = _build(check_name(name), checkpoint, meta, str(path), num_classes, None, backbone, kwargs)
+    return model, checkpoint
+
+
+def _build(entry: TaskEntry, checkpoint: dict | None, meta: dict, source: str, num_classes: int | None,
+           pretrained_backbone, backbone: str | None, kwargs: dict) -> nn.Module:
+    """The model of ``entry`` with the weights of ``checkpoint`` (None: none) and its metadata."""
+    explicit_classes = num_classes is not None
+    if num_classes is None and meta.get("categories"):
+        num_classes = len(meta["categories"])
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = entry.model_cls(backbone=backbone or entry.backbone, pretrained_backbone=pretrained_backbone,
-                            **{**entry.kwargs, **kwargs})
-    if pretrained:
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"{name}: pretrained file not found: {pretrained}")
-        state = read_checkpoint(pretrained)  # a training checkpoint gives its EMA weights, else its model
+    kwargs = {**entry.kwargs, **meta.get("model_kwargs", {}), **kwargs}
+    model = entry.model_cls(backbone=backbone or kwargs.pop("backbone", entry.backbone),
+                            pretrained_backbone=pretrained_backbone, **kwargs)
+    if checkpoint is not None:
         try:
-            missing, unexpected = model.load_state_dict(model.convert_checkpoint(state), strict=False)
-        except (RuntimeError, KeyError, CheckpointError) as error:
-            reason = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{name}: checkpoint {pretrained} does not fit: {reason}") from None
-        if missing or unexpected:
-            first = (missing or unexpected)[0]
-            raise CheckpointError(f"{name}: checkpoint {pretrained} does not fit: {len(missing)} missing and "
-                                  f"{len(unexpected)} unexpected keys (first: {first!r})")
-    model.meta = describe(name, model)
+            state = model.convert_checkpoint(weights_of(checkpoint))
+        except CheckpointError as error:
+            raise CheckpointError(f"{entry.name}: {source} does not fit: {error}") from None
+        load_weights(model, state, f"{entry.name}: {source}", new_head=explicit_classes)
+    fields = {key: meta[key] for key in DESCRIPTIVE if key in meta}
+    categories = meta.get("categories")
+    if categories is not None and len(categories) != model.num_classes:  # a new head: its classes are new
+        categories = fields["dataset_ids"] = None
+    model.meta = describe(entry.name, model, categories, **fields)
     return model
+
+
+def list_weights(name: str) -> list[str]:
+    """The tags of a model's published weights, the default first."""
+    return list(check_name(name).weights)
+
+
+def _weights(entry: TaskEntry, pretrained) -> tuple[dict | None, dict, str]:
+    """The checkpoint (a dict, as read), its metadata and a name for it in messages, for ``pretrained``."""
+    if pretrained is None or pretrained is False:
+        return None, {}, ""
+    if pretrained is True or (isinstance(pretrained, str) and pretrained in entry.weights):
+        if not entry.weights:
+            published = ", ".join(list_models(pretrained=True))
+            raise WeightsUnavailable(f"{entry.name} has no published weights (models with published weights: "
+                                     f"{published}); pass {{alternative}}", "pretrained=PATH to a file of weights")
+        weights = entry.weights[next(iter(entry.weights)) if pretrained is True else pretrained]
+        return load_file(download(entry.name, weights)), weights.meta, weights.file
+    path = Path(pretrained)
+    if not path.exists() and isinstance(pretrained, str) and not path.suffix and os.sep not in pretrained:
+        tags = ", ".join(entry.weights) or "none"
+        raise ArgumentError(f"{entry.name}: {pretrained!r} is neither a published weights tag (tags: {tags}) nor a "
+                            "file")
+    checkpoint = load_file(path)
+    return checkpoint, checkpoint.get("meta") or {}, str(path)
+
+
+def download(owner: str, weights: Weights) -> Path:
+    """The published file in torch's hub cache, downloaded there first when missing (hash-checked, as
+    ``torch.hub.load_state_dict_from_url`` does)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / weights.file
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(weights.file)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None, progress=True)
+        except (OSError, RuntimeError) as error:  # offline (URLError is an OSError), or a hash mismatch
+            raise WeightsUnavailable.offline(owner, weights.file, str(path.parent), type(error).__name__,
+                                             "pretrained=PATH to a copy of the file") from None
+    return path
+
+
+def load_weights(model: nn.Module, state: dict, source: str, new_head: bool = False) -> None:
+    """Load a state dict that must fit exactly; else one line naming the first key that does not, and its shapes.
+
+    With ``new_head`` (the caller asked for another number of classes than the weights have), the layers whose
+    shapes follow the class count (``model.class_layers``) keep their initialisation instead, and a warning says so.
+    """
+    target = model.state_dict()
+    mismatched = [key for key, value in state.items() if key in target and value.shape != target[key].shape]
+    fresh = [key for key in mismatched if new_head and key.startswith(model.class_layers)]
+    for key in mismatched:
+        if key not in fresh:
+            hint = " (a head for another number of classes: pass num_classes)" if key.startswith(
+                model.class_layers) else ""
+            raise CheckpointError(f"{source} does not fit: {key} is {tuple(state[key].shape)} in the checkpoint but "
+                                  f"{tuple(target[key].shape)} in the model{hint}")
+    state = {key: value for key, value in state.items() if key not in fresh}
+    missing = sorted(target.keys() - state.keys() - set(fresh))
+    unexpected = sorted(state.keys() - target.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit: {len(missing)} missing and {len(unexpected)} unexpected keys "
+                              f"(first: {(missing or unexpected)[0]!r})")
+    model.load_state_dict(state, strict=not fresh)
+    if fresh:
+        warnings.warn(f"{source}: its classification layers are for another number of classes, so the model's "
+                      f"{model.num_classes}-class layers ({len(fresh)} tensors) start untrained", stacklevel=3)
 
 
 def describe(name: str, model: nn.Module, categories: list[str] | None = None, **fields) -> dict:
@@ -104,9 +232,9 @@ def describe(name: str, model: nn.Module, categories: list[str] | None = None, *
     if categories is None:
         categories = [("__background__" if detection and i == 0 else f"class {i}") for i in range(model.num_classes)]
     meta = dict(name=name, task=model.task, num_classes=model.num_classes, categories=list(categories),
-                input_size=[model.size, model.size] if detection else None,  # None: any size
-                mean=model.normalize.mean.flatten().tolist(), std=model.normalize.std.flatten().tolist())
+                dataset_ids=None, input_size=[model.size, model.size] if detection else None, resize=None,
+                mean=model.normalize.statistics[0], std=model.normalize.statistics[1],
+                metrics={}, recipe=None, weights=None, model_kwargs={})
     if detection:
         meta["postprocess"] = model.postprocess
     return {**meta, **fields}
-

@@ -54,6 +54,7 @@ class SSDLite(nn.Module):
     """
 
     task = "detection"
+    class_layers = ("head.classification_head.",)  # state-dict prefixes whose shapes follow num_classes
 
     def __init__(self, backbone: str = "mbv3_large_reduced", num_classes: int = 91,
                  pretrained_backbone: str | None = None, size: int = 320,

@@ -92,6 +92,7 @@ class LRASPP(nn.Module):
     """
 
     task = "segmentation"
+    class_layers = ("head.low_classifier.", "head.high_classifier.")  # state-dict prefixes that follow num_classes
 
     def __init__(self, backbone: str = "mbv3_large", num_classes: int = 19, pretrained_backbone: str | None = None,
                  inter_channels: int = 128, pooling: str = "global", pool_kernel: tuple[int, int] = (49, 49),

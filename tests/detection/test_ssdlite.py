@@ -138,10 +138,13 @@ def test_errors_are_one_line(torchvision_pair, tmp_path):
     *_, path = torchvision_pair
     with pytest.raises(ValueError, match="Did you mean 'ssdlite320_mbv3_large'"):
         heads.create_model("ssdlite320_mbv3_larg")
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pth"):
         heads.create_model("ssdlite320_mbv3_large_reduced", pretrained=str(tmp_path / "missing.pth"))
-    with pytest.raises(CheckpointError, match="does not fit"):
-        heads.create_model("ssdlite320_mbv3_large_reduced", num_classes=21, pretrained=str(path))
+    with pytest.warns(UserWarning, match="classification layers are for another number of classes"):
+        fine_tune = heads.create_model("ssdlite320_mbv3_large_reduced", num_classes=21, pretrained=str(path))
+    torchvision = torch.load(path, weights_only=True)
+    assert torch.equal(fine_tune.head.regression_head.module_list[0][1].weight,
+                       torchvision["head.regression_head.module_list.0.1.weight"])
     with pytest.raises(CheckpointError, match="does not fit"):
         heads.create_model("ssdlite320_mbv3_small_reduced", pretrained=str(path))
     torch.save(mobilenet_v3_large().state_dict(), tmp_path / "classifier.pth")
