@@ -107,7 +107,7 @@ class SegmentationTask(Task):
         Task.check_dataset(cfg, {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""},
                            ("default", "none"))
         root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes(cfg.data_root)
-        transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if cfg.augment == "default" else None
+        transform = SegTrainTransform(crop_size=cfg.crop_size) if cfg.augment == "default" else None
         return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
 
     @staticmethod
