@@ -1,4 +1,4 @@
-"""COCO reading and the built-in shapes dataset, written as specifications (augmentation: test_transforms.py)."""
+"""COCO reading and the built-in shapes dataset, written as specifications (augmentation: test_ssd_augmentation.py)."""
 import contextlib
 import io
 import json

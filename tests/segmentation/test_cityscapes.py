@@ -1,4 +1,4 @@
-"""Cityscapes reader, label tables and built-in set (augmentation: test_transforms.py)."""
+"""Cityscapes reader, label tables and built-in set (augmentation: test_seg_augmentation.py)."""
 import os
 import re
 import shutil
