@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,17 @@ def sample_seed(*parts: int) -> int:
     the same whichever process, worker or resumed run draws the sample."""
     digest = hashlib.blake2b(np.asarray(parts, dtype=np.int64).tobytes(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def random_state(seed: int | None) -> tuple[np.random.Generator, random.Random]:
+    """The numpy and Python generators an augmentation pipeline draws from (albumentations'
+    ``set_random_state``), seeded by ``seed`` or, without one, by torch's generator (which DataLoader seeds
+    differently in each worker). All ops share them: seeding each op alike would correlate their draws."""
+    if seed is None:
+        import torch
+
+        seed = int(torch.randint(2**31, ()))
+    return np.random.default_rng(seed), random.Random(seed)
 
 
 def split_item(item) -> tuple[int, int | None]:

@@ -176,8 +176,7 @@ class SegmentationTask(Task):
         from ..segmentation.transforms import SegTrainTransform
 
         root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
-        transform = SegTrainTransform(crop_size=tuple(cfg.crop_size)) if SegmentationTask.policies[cfg.augment] \
-            else None
+        transform = SegTrainTransform(crop_size=cfg.crop_size) if SegmentationTask.policies[cfg.augment] else None
         return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
 
     @staticmethod

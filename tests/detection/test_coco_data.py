@@ -1,11 +1,10 @@
-"""COCO reading, the built-in shapes dataset and SSD augmentation, written as specifications."""
+"""COCO reading and the built-in shapes dataset, written as specifications (augmentation: test_ssd_augmentation.py)."""
 import contextlib
 import io
 import json
 import logging
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -16,12 +15,11 @@ from pycocotools.cocoeval import COCOeval
 from heads.data import DataError
 from heads.detection.builtin import builtin_coco
 from heads.detection.coco import CocoDetection, collate_detection
-from heads.detection.transforms import MEAN_FILL, RandomIoUCrop, RandomZoomOut, SSDTrainTransform
+from heads.detection.transforms import SSDTrainTransform
 
 REAL_SAMPLE = REAL / "coco_sample"
 COCO_KEYS = {"info", "licenses", "images", "annotations", "categories"}
 ANNOTATION_KEYS = {"id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation"}
-POLICIES = {"ssd": {}, "ssdlite": dict(zoom_out=False, photometric=False)}
 
 
 def instances(root: Path, split: str) -> dict:
@@ -287,101 +285,3 @@ def test_dataset_applies_transform_with_item_seed(builtin):
     (image, target), (again, target_again) = dataset[(3, 11)], dataset[(3, 11)]
     assert image.shape == (3, 256, 256) and image.dtype == torch.float32 and image.max() <= 1
     assert torch.equal(image, again) and torch.equal(target["boxes"], target_again["boxes"])
-
-
-# ---- augmentation
-
-
-COLOURS = np.array([(230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30)], dtype=np.uint8)
-BOXES = np.array([[10, 10, 110, 90], [150, 20, 290, 130], [40, 120, 140, 190], [200, 150, 280, 195]], np.float32)
-
-
-def painted_sample():
-    """A 300 x 200 image whose four boxes are filled with distinct colours, labels 1..4."""
-    image = np.full((200, 300, 3), 128, dtype=np.uint8)
-    for colour, (x0, y0, x1, y1) in zip(COLOURS, BOXES.astype(int)):
-        image[y0:y1, x0:x1] = colour
-    return image, BOXES, np.arange(1, 5)
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-def test_augmented_boxes_stay_inside_the_image(policy):
-    transform = SSDTrainTransform(160, **POLICIES[policy])
-    image, boxes, labels = painted_sample()
-    for seed in range(60):
-        out, out_boxes, out_labels = transform(image, boxes, labels, seed)
-        assert out.shape == (160, 160, 3) and out.dtype == np.uint8
-        assert out_boxes.dtype == np.float32 and out_labels.dtype == np.int64 and len(out_boxes) == len(out_labels)
-        assert (out_boxes >= 0).all() and (out_boxes <= 160).all() and (out_boxes[:, 2:] > out_boxes[:, :2]).all()
-
-
-@pytest.mark.parametrize("zoom_out", [True, False])
-def test_augmented_boxes_keep_their_labels(zoom_out):
-    """Each output box still covers the colour its label was painted with (photometric distortion off)."""
-    transform = SSDTrainTransform(160, zoom_out=zoom_out, photometric=False)
-    image, boxes, labels = painted_sample()
-    for seed in range(60):
-        out, out_boxes, out_labels = transform(image, boxes, labels, seed)
-        assert len(set(out_labels.tolist())) == len(out_labels) == len(out_boxes)
-        centres = ((out_boxes[:, :2] + out_boxes[:, 2:]) / 2).astype(int)
-        for (x, y), label in zip(centres, out_labels):
-            nearest = np.abs(COLOURS.astype(int) - out[y, x]).sum(axis=1).argmin()
-            assert nearest + 1 == label, f"seed {seed}: box of label {label} covers colour {out[y, x]}"
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-def test_same_seed_same_output_whatever_ran_before(policy):
-    image, boxes, labels = painted_sample()
-    first, other = SSDTrainTransform(**POLICIES[policy]), SSDTrainTransform(**POLICIES[policy])
-    expected = first(image, boxes, labels, 3)
-    first(image, boxes, labels, 4)
-    for out in (first(image, boxes, labels, 3), other(image, boxes, labels, 3)):
-        assert all(np.array_equal(a, b) for a, b in zip(out, expected))
-
-
-def test_images_without_boxes_pass():
-    image, _, _ = painted_sample()
-    for seed in range(10):
-        out, boxes, labels = SSDTrainTransform(128)(image, np.zeros((0, 4)), np.zeros(0), seed)
-        assert out.shape == (128, 128, 3) and boxes.shape == (0, 4) and labels.shape == (0,)
-
-
-@pytest.mark.parametrize("hflip, expected", [(0.0, [32, 32, 160, 160]), (1.0, [160, 32, 288, 160])])
-def test_resize_and_flip_map_a_known_box(hflip, expected):
-    """A 400 x 200 image resized to 320 x 320 scales x by 0.8 and y by 1.6; flipping maps x to 400 - x."""
-    transform = SSDTrainTransform(320, zoom_out=False, iou_crop=False, photometric=False, hflip=hflip)
-    image = np.zeros((200, 400, 3), dtype=np.uint8)
-    _, boxes, labels = transform(image, np.array([[40, 20, 200, 100]]), np.array([7]), seed=0)
-    np.testing.assert_allclose(boxes, [expected], atol=1e-3)
-    assert labels.tolist() == [7]
-
-
-def test_iou_crop_keeps_boxes_whose_centres_are_inside():
-    crop = A.Compose([RandomIoUCrop()], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]),
-                     save_applied_params=True)
-    image, boxes, labels = painted_sample()
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    for seed in range(60):
-        crop.set_random_seed(seed)
-        out = crop(image=image, bboxes=boxes, labels=labels)
-        x0, y0, x1, y1 = out["applied_transforms"][0][1]["crop_coords"]
-        inside = (centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1)
-        assert np.asarray(out["labels"], dtype=int).tolist() == labels[inside].tolist()
-        expected = (boxes[inside] - [x0, y0, x0, y0]).clip(0, [x1 - x0, y1 - y0] * 2)
-        np.testing.assert_allclose(out["bboxes"], expected.reshape(-1, 4), atol=1e-3)
-        assert out["image"].shape == (y1 - y0, x1 - x0, 3)
-
-
-def test_zoom_out_pads_with_mean_and_moves_boxes():
-    zoom = A.Compose([RandomZoomOut(p=1.0)], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]),
-                     save_applied_params=True)
-    image, boxes, labels = painted_sample()
-    for seed in range(20):
-        zoom.set_random_seed(seed)
-        out = zoom(image=image, bboxes=boxes, labels=labels)
-        pads = out["applied_transforms"][0][1]
-        height, width = out["image"].shape[:2]
-        assert 200 <= height <= 800 and 300 <= width <= 1200
-        np.testing.assert_allclose(out["bboxes"], boxes + [pads["pad_left"], pads["pad_top"]] * 2, atol=1e-3)
-        if pads["pad_top"]:
-            assert (out["image"][0, 0] == MEAN_FILL).all()
