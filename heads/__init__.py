@@ -5,7 +5,7 @@ The public API is what ``__all__`` lists; the sub-packages are internal and may 
 - ``heads.detection``: SSDLite, the COCO reader, the built-in COCO-format set, SSD augmentation, COCO metrics.
 - ``heads.segmentation``: LR-ASPP, the Cityscapes reader, built-in scenes, augmentation, inference, metrics.
 - ``heads.training``: the config, the one engine shared by both tasks, the tasks' hooks, the sampler, logs.
-- ``heads.deploy``: BatchNorm folding, export, runtimes and predictors.
+- ``heads.deploy``: the predictor, BatchNorm folding, export and the runtimes of exported files.
 
 Names are imported on first use, so ``import heads`` loads neither the augmentation nor the plotting libraries.
 """
@@ -14,17 +14,23 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import version
 
-from .registry import ENTRIES, MODELS, create_model, list_models
+from .registry import ENTRIES, MODELS, create_model, list_models, list_weights
 
 __version__ = version("mbbackbones")
 _LAZY = {  # public name -> the module that defines it
+    "Predictor": "heads.deploy.predictor",
+    "Detections": "heads.deploy.predictor",
+    "Segmentation": "heads.deploy.predictor",
+    "fuse": "heads.deploy.predictor",
+    "train": "heads.training.engine",
+    "Run": "heads.training.run",
+    "TrainConfig": "heads.training.config",
+    "load_config": "heads.training.config",
+    "ConfigError": "heads.training.config",
     "DataError": "heads.data",
     "SAMPLE_IMAGES": "heads.assets",
-    "TrainConfig": "heads.training.config",
-    "ConfigError": "heads.training.config",
-    "load_config": "heads.training.config",
 }
-__all__ = ["ENTRIES", "MODELS", "create_model", "list_models", *_LAZY, "__version__"]
+__all__ = ["ENTRIES", "MODELS", "create_model", "list_models", "list_weights", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
