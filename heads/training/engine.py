@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mbbackbones.choices import check_choice
 
-from ..data import sample_seed
+from ..data import sample_seed, unwrap_worker_errors
 from ..files import atomic_write
 from .config import TrainConfig, to_dict
 from .logs import plot_log, read_log
@@ -209,7 +209,7 @@ class Trainer:
     def micro_batches(self, epoch: int, start: int) -> Iterator[list]:
         self.sampler.set_epoch(epoch, start)
         group = []
-        for batch in self.loader:
+        for batch in unwrap_worker_errors(self.loader):
             group.append(batch)
             if len(group) == self.cfg.accumulate:
                 yield group
@@ -266,7 +266,7 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(unwrap_worker_errors(loader)):
         if i == batches:
             break
         task.forward_images(model, batch, device)
