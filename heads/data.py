@@ -4,25 +4,49 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class DataError(ValueError):
     """A dataset file that is missing, unreadable or malformed; the message names the file."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array; grayscale, palette, CMYK and alpha images are converted."""
+def open_image(path: str | Path, kind: str = "image") -> Image.Image:
+    """The decoded Pillow image at ``path``; a one-line ``DataError`` naming the file (``kind`` says what it is)
+    when it is missing, unreadable, or over Pillow's decompression-bomb limit."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            image.load()
+        return image
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+        raise DataError(f"{kind} not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{kind} {path}: {error} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS "
+                        "(None lifts the limit).") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"corrupt or unreadable image {path}: {error}") from None
+        raise DataError(f"corrupt or unreadable {kind} {path}: {error}") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An H x W x 3 uint8 RGB array; grayscale, palette, CMYK and alpha images are converted.
+
+    16-bit images keep their high byte (0..65535 scaled to 0..255, as Pillow reduces 16-bit RGB PNGs); 32-bit
+    integer and float images have no fixed range and are refused.
+    """
+    image = open_image(path)
+    if image.mode in _16_BIT_MODES:
+        gray = (np.asarray(image) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):
+        raise DataError(f"{path}: mode {image.mode} (32-bit or signed pixels) has no 8-bit range; save it as an "
+                        "8- or 16-bit image")
+    return np.asarray(image.convert("RGB"))
 
 
 def sample_seed(*parts: int) -> int:
@@ -54,3 +78,18 @@ def split_item(item) -> tuple[int, int | None]:
 def default_data_root() -> Path:
     """Where built-in datasets are written: ``$MBBACKBONES_DATA`` when set, else ``~/.cache/mbbackbones``."""
     return Path(os.environ.get("MBBACKBONES_DATA", "~/.cache/mbbackbones")).expanduser()
+
+
+def unwrap_worker_errors(batches: Iterable) -> Iterator:
+    """Iterate ``batches`` (a DataLoader); a ``DataError`` raised in a worker process is re-raised with its own
+    one-line message instead of torch's "Caught DataError in DataLoader worker process N. Original Traceback ..."
+    text. Other exceptions, and ``DataError`` raised in this process, pass unchanged."""
+    try:
+        yield from batches
+    except DataError as error:
+        message = str(error)
+        name = type(error).__name__
+        last_line = f"\n{type(error).__module__}.{type(error).__qualname__}: "  # traceback's final line
+        if not message.startswith(f"Caught {name} in DataLoader worker") or last_line not in message:
+            raise
+        raise type(error)(message.rsplit(last_line, 1)[1].rstrip("\n")) from None

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
+from ..data import DataError, unwrap_worker_errors
 from ..files import atomic_write
-from .coco import collate_detection
+from .coco import _is_int, _is_number, _is_xywh, collate_detection
+
+_logger = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("pycocotools", "faster_coco_eval")
@@ -91,7 +95,9 @@ def save_results(results: list[dict], path: str | os.PathLike) -> None:
 
 
 def load_results(path: str | os.PathLike) -> list[dict]:
-    """Read a results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
+    """Read a results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``; an entry with
+    a missing key, a non-integer id, or a NaN, infinite, negative-size or non-numeric box or score is refused with
+    its index."""
     try:
         with open(path) as file:
             results = json.load(file)
@@ -102,18 +108,25 @@ def load_results(path: str | os.PathLike) -> list[dict]:
     if not isinstance(results, list):
         raise ValueError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
     for index, entry in enumerate(results):
-        if not _is_result(entry):
+        if not (isinstance(entry, dict) and all(key in entry for key in RESULT_KEYS)):
             raise ValueError(f"{path}: entry {index} is not a dict with {', '.join(RESULT_KEYS)} (bbox = [x, y, w, h])")
+        problem = _result_problem(entry)
+        if problem:
+            raise ValueError(f"{path}: entry {index}: {problem}")
     return results
 
 
-def _is_result(entry) -> bool:
-    return (
-        isinstance(entry, dict)
-        and all(key in entry for key in RESULT_KEYS)
-        and isinstance(entry["bbox"], list)
-        and len(entry["bbox"]) == 4
-    )
+def _result_problem(entry: dict) -> str | None:
+    """What is wrong with the values of a results entry that has all of ``RESULT_KEYS``, or None."""
+    for key in ("image_id", "category_id"):
+        if not _is_int(entry[key]):
+            return f"{key} {entry[key]!r} is not an integer"
+    bbox = entry["bbox"]
+    if not _is_xywh(bbox):
+        return f"bbox {bbox!r} is not [x, y, w, h] of finite numbers with w, h >= 0"
+    if not _is_number(entry["score"]):
+        return f"score {entry['score']!r} is not a finite number"
+    return None
 
 
 def evaluate(
@@ -205,25 +218,56 @@ def _mean_valid(precision: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
+class _WithoutReplacement(torch.utils.data.Dataset):
+    """The samples ``indices`` of a ``CocoDetection``; an image it skips as unreadable (``skip_corrupt``) gives
+    ``(None, {"image_id": id})`` instead of the next readable image, whose detections would be scored under the
+    skipped image's id."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        sample = self.dataset.get(index)
+        return sample if sample is not None else (None, {"image_id": self.dataset.image_ids[index]})
+
+
 @torch.no_grad()
 def predict_detections(model: nn.Module, dataset, batch_size: int, device, indices=None, workers: int = 0):
-    """Detections (torchvision format, original pixels) and image ids for the dataset items ``indices`` (all by
-    default). ``model`` is a network, or a :class:`~heads.deploy.predictor.Predictor` (an exported file's runtime),
-    which reads the images from their files."""
+    """Detections (torchvision format, original pixels) and image ids for the items ``indices`` (all by default)
+    of a ``CocoDetection`` dataset. ``model`` is a network, or a :class:`~heads.deploy.predictor.Predictor` (an
+    exported file's runtime), which reads the images from their files.
+
+    Images the dataset skips as unreadable (``skip_corrupt``) are left out of both lists, with a warning that
+    counts them; evaluate on the returned image ids.
+    """
     indices = range(len(dataset)) if indices is None else indices
     if not isinstance(model, nn.Module):
         image_ids = [dataset.image_ids[i] for i in indices]
         paths = [dataset.image_dir / dataset.coco.imgs[image_id]["file_name"] for image_id in image_ids]
         return [{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in model.stream(paths)], image_ids
     model.eval()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
-                                         num_workers=workers, collate_fn=collate_detection)
-    detections, image_ids = [], []
+    loader = torch.utils.data.DataLoader(_WithoutReplacement(dataset, indices), batch_size, num_workers=workers,
+                                         collate_fn=collate_detection)
+    detections, image_ids, skipped = [], [], []
     with torch.no_grad():
-        for images, targets in tqdm(loader, desc="evaluate", leave=False):
-            outputs = model([image.to(device) for image in images])
-            detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
-            image_ids += [target["image_id"] for target in targets]
+        for images, targets in tqdm(unwrap_worker_errors(loader), total=len(loader), desc="evaluate", leave=False):
+            skipped += [target["image_id"] for image, target in zip(images, targets) if image is None]
+            readable = [(image, target) for image, target in zip(images, targets) if image is not None]
+            if readable:
+                outputs = model([image.to(device) for image, _ in readable])
+                detections += [{k: v.cpu() for k, v in out.items()} for out in outputs]
+                image_ids += [target["image_id"] for _, target in readable]
+    if skipped:
+        files = [dataset.coco.imgs[image_id]["file_name"] for image_id in skipped]
+        if not image_ids:
+            raise DataError(f"none of the {len(indices)} images in {dataset.image_dir} could be read: nothing to "
+                            "evaluate")
+        _logger.warning("evaluation left out %d of %d images as unreadable (skip_corrupt): %s%s", len(skipped),
+                        len(indices), ", ".join(files[:10]), " ..." if len(files) > 10 else "")
     return detections, image_ids
 
 

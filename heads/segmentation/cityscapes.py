@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as OFFICIAL_LABELS
 from cityscapesscripts.helpers.labels import trainId2label
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data import DataError, read_image, split_item
+from ..data import DataError, open_image, read_image, split_item
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -33,7 +32,8 @@ NUM_CLASSES = len(_TRAIN_LABELS)
 CLASS_NAMES = tuple(label.name for label in _TRAIN_LABELS)
 CATEGORIES = tuple(label.category for label in _TRAIN_LABELS)  # category of each train id, for category IoU
 
-ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)  # label id -> train id; void and unknown ids -> 255
+MAX_LABEL_ID = max(label.id for label in OFFICIAL_LABELS)  # 33; label files hold ids 0..33
+ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)  # label id -> train id; void ids -> 255
 for _label in OFFICIAL_LABELS:
     if _label.id >= 0 and _is_train_id(_label.trainId):
         ID_TO_TRAIN_ID[_label.id] = _label.trainId
@@ -46,17 +46,21 @@ PALETTE[:NUM_CLASSES] = [label.color for label in _TRAIN_LABELS]
 
 
 def read_label_ids(path: str | Path) -> np.ndarray:
-    """An H x W uint8 array of Cityscapes label ids from a single-channel PNG."""
-    try:
-        with Image.open(path) as image:
-            ids = np.asarray(image)
-    except FileNotFoundError:
-        raise DataError(f"label file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"corrupt or unreadable label file {path}: {error}") from None
-    if ids.ndim != 2 or ids.dtype != np.uint8:
-        raise DataError(f"label file {path} must be a single-channel 8-bit PNG, got shape {ids.shape} {ids.dtype}")
-    return ids
+    """An H x W uint8 array of Cityscapes label ids from a single-channel PNG.
+
+    As cityscapesScripts does, the stored values are taken as they are (8 or 16 bits, palette indices included);
+    a value outside the label table (ids 0..33) is an error naming the file, not a silently ignored pixel.
+    """
+    ids = np.asarray(open_image(path, "label file"))
+    if ids.ndim != 2 or ids.dtype.kind not in "uib":
+        raise DataError(f"label file {path} must be a single-channel PNG of label ids, got shape {ids.shape} "
+                        f"{ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_LABEL_ID):
+        unknown = np.unique(ids[(ids < 0) | (ids > MAX_LABEL_ID)]).tolist()
+        listed = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+        raise DataError(f"label file {path} holds label ids {listed} outside the Cityscapes label table "
+                        f"(0..{MAX_LABEL_ID})")
+    return ids.astype(np.uint8)
 
 
 def _list_pairs(root: Path, split: str | None) -> list[tuple[Path, Path | None]]:

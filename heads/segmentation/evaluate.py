@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ..data import DataError
+from ..data import DataError, unwrap_worker_errors
 from ..visualize import overlay_mask
 from .cityscapes import CATEGORIES, CLASS_NAMES, ID_TO_TRAIN_ID, IGNORE_INDEX, PALETTE, TRAIN_ID_TO_ID, read_label_ids
 from .inference import predict
@@ -24,10 +24,11 @@ from .inference import predict
 PREDICTION_SUFFIX = "_labelIds.png"  # <city>_<seq>_<frame>_labelIds.png: matches the official "<stem>*.png" search
 
 
-def _iou(matrix: np.ndarray) -> np.ndarray:
-    """Per-row IoU of a ground-truth x prediction matrix; NaN where a class is in neither."""
+def _iou(matrix: np.ndarray, void: np.ndarray) -> np.ndarray:
+    """Per-row IoU of a ground-truth x prediction matrix whose rows also lost ``void`` pixels to no class (misses);
+    NaN where a class is in neither."""
     true_positive = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - true_positive
+    union = matrix.sum(0) + matrix.sum(1) + void - true_positive
     with np.errstate(invalid="ignore"):
         return true_positive / union
 
@@ -48,6 +49,8 @@ class SegMetrics:
 
     A class with neither ground-truth nor predicted pixels has IoU NaN and is left out of the means, as in
     cityscapesScripts. Category IoU merges the classes of each category before computing IoU, also as there.
+    ``void_pixels`` counts evaluated pixels predicted as no class (a void label id in a prediction file); they
+    are misses of their ground-truth class, as cityscapesScripts scores them, and are not in ``confusion``.
     """
 
     miou: float
@@ -55,6 +58,7 @@ class SegMetrics:
     category_iou: dict[str, float]
     pixel_accuracy: float
     confusion: np.ndarray
+    void_pixels: int = 0
 
     @property
     def category_miou(self) -> float:
@@ -72,7 +76,10 @@ class SegMetrics:
         lines = block("class", self.per_class_iou, self.miou)
         if self.category_iou:
             lines += ["", *block("category", self.category_iou, self.category_miou)]
-        return "\n".join([*lines, "", f"{'pixel accuracy':<{width}}  {_percent(self.pixel_accuracy)}"])
+        lines += ["", f"{'pixel accuracy':<{width}}  {_percent(self.pixel_accuracy)}"]
+        if self.void_pixels:
+            lines.append(f"{self.void_pixels} px predicted as void label ids, scored as misses (as cityscapesScripts)")
+        return "\n".join(lines)
 
     def to_json(self) -> str:
         """The scores and the confusion matrix as JSON; NaN becomes null."""
@@ -84,25 +91,30 @@ class SegMetrics:
             "pixel_accuracy": finite(self.pixel_accuracy),
             "per_class_iou": {name: finite(value) for name, value in self.per_class_iou.items()},
             "category_iou": {name: finite(value) for name, value in self.category_iou.items()},
-            "confusion": self.confusion.tolist(),
+            "confusion": self.confusion.tolist(), "void_pixels": self.void_pixels,
         }, indent=2)
 
 
 class ConfusionMatrix:
     """An int64 ground-truth x prediction pixel count over train ids, accumulated batch by batch.
 
-    ``categories`` gives each class's category (for category IoU); pass ``()`` to skip it. Keep the matrix on
-    the device of the predictions (``device=``) when using :meth:`all_reduce` with NCCL.
+    ``matrix`` has one column more than classes: predictions equal to ``ignore_index`` (no class, e.g. a void
+    label id in a prediction file) are counted there, as misses of the ground-truth class. ``categories`` gives
+    each class's category (for category IoU); pass ``()`` to skip it. Keep the matrix on the device of the
+    predictions (``device=``) when using :meth:`all_reduce` with NCCL.
     """
 
     def __init__(self, class_names=CLASS_NAMES, categories=CATEGORIES, ignore_index: int = IGNORE_INDEX,
                  device: torch.device | str | None = None):
         if categories and len(categories) != len(class_names):
             raise ValueError(f"{len(categories)} categories for {len(class_names)} classes")
+        if 0 <= ignore_index < len(class_names):
+            raise ValueError(f"ignore_index {ignore_index} is a class index; use a value outside "
+                             f"0..{len(class_names) - 1}")
         self.class_names = tuple(class_names)
         self.categories = tuple(categories)
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros(len(class_names), len(class_names), dtype=torch.int64, device=device)
+        self.matrix = torch.zeros(len(class_names), len(class_names) + 1, dtype=torch.int64, device=device)
 
     @property
     def num_classes(self) -> int:
@@ -110,18 +122,21 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Count class-index predictions against targets of the same shape; ``ignore_index`` targets are skipped."""
+        """Count class-index predictions against targets of the same shape; ``ignore_index`` targets are skipped,
+        ``ignore_index`` predictions count as misses."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
         keep = target != self.ignore_index
         pred, target = pred[keep].long(), target[keep].long()
-        n = self.num_classes
+        n, void = self.num_classes, pred == self.ignore_index
         if pred.numel():
-            low, high = torch.stack([torch.minimum(pred.min(), target.min()), torch.maximum(pred.max(), target.max())])
+            classes = torch.cat([pred[~void], target])
+            low, high = classes.min().item(), classes.max().item()
             if low < 0 or high >= n:
-                raise ValueError(f"class indices must lie in 0..{n - 1} (or be {self.ignore_index} in targets), "
-                                 f"got values {low.item()}..{high.item()}")
-        self.matrix += torch.bincount(target * n + pred, minlength=n * n).view(n, n).to(self.matrix.device)
+                raise ValueError(f"class indices must lie in 0..{n - 1} (or be {self.ignore_index}: ignored in "
+                                 f"targets, a miss in predictions), got values {low}..{high}")
+        counts = torch.bincount(target * (n + 1) + pred.masked_fill(void, n), minlength=n * (n + 1)).view(n, n + 1)
+        self.matrix += counts.to(self.matrix.device)
 
     def merge(self, other: ConfusionMatrix) -> None:
         """Add the counts of another matrix over the same classes."""
@@ -135,18 +150,20 @@ class ConfusionMatrix:
             dist.all_reduce(self.matrix)
 
     def compute(self) -> SegMetrics:
-        matrix = self.matrix.cpu().numpy()
-        iou = _iou(matrix)
+        counts = self.matrix.cpu().numpy()
+        matrix, void = counts[:, :-1], counts[:, -1]
+        iou = _iou(matrix, void)
         category_names = list(dict.fromkeys(self.categories))
         member = np.array([[c == name for name in category_names] for c in self.categories], dtype=np.int64)
-        category_iou = _iou(member.T @ matrix @ member) if self.categories else np.zeros(0)
-        total = matrix.sum()
+        category_iou = _iou(member.T @ matrix @ member, member.T @ void) if self.categories else np.zeros(0)
+        total = counts.sum()
         return SegMetrics(
             miou=_nanmean(iou),
             per_class_iou=dict(zip(self.class_names, iou.tolist())),
             category_iou=dict(zip(category_names, category_iou.tolist())),
             pixel_accuracy=float(np.trace(matrix) / total) if total else math.nan,
             confusion=matrix,
+            void_pixels=int(void.sum()),
         )
 
 
@@ -196,7 +213,11 @@ def _find_prediction(files: list[Path], stem: str, pred_dir: Path) -> Path:
 
 def evaluate_folder(pred_dir: str | Path, dataset) -> SegMetrics:
     """Score label-id PNGs under ``pred_dir`` (searched recursively, one ``<stem>*.png`` per sample, as
-    cityscapesScripts does) against the labels of a :class:`~heads.cityscapes.Cityscapes` dataset."""
+    cityscapesScripts does) against the labels of a :class:`~heads.cityscapes.Cityscapes` dataset.
+
+    Scores equal ``evaluateImgLists``' on every file it accepts: void label ids (0 'unlabeled', 9 'parking', ...)
+    are misses, counted in ``void_pixels``; ids outside the label table are an error naming the file.
+    """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError(f"prediction folder not found: {pred_dir}")
@@ -210,11 +231,7 @@ def evaluate_folder(pred_dir: str | Path, dataset) -> SegMetrics:
         if pred_ids.shape != target.shape:
             raise DataError(f"prediction {pred_path} is {pred_ids.shape[1]}x{pred_ids.shape[0]} but its ground truth "
                             f"{label_path} is {target.shape[1]}x{target.shape[0]} (width x height)")
-        pred = ID_TO_TRAIN_ID[pred_ids]
-        if (pred == IGNORE_INDEX).any():
-            raise DataError(f"prediction {pred_path} holds label ids {np.unique(pred_ids[pred == IGNORE_INDEX])} "
-                            "that are not evaluated classes")
-        confusion.update(torch.from_numpy(pred), torch.from_numpy(target))
+        confusion.update(torch.from_numpy(ID_TO_TRAIN_ID[pred_ids]), torch.from_numpy(target))
     return confusion.compute()
 
 
@@ -280,5 +297,6 @@ def _predictions(model, dataset, indices, device, workers: int, options: dict):
         return
     model.eval()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), num_workers=workers)
-    for index, (image, mask) in zip(indices, tqdm(loader, desc="evaluate", leave=False)):
+    batches = tqdm(unwrap_worker_errors(loader), total=len(loader), desc="evaluate", leave=False)
+    for index, (image, mask) in zip(indices, batches):
         yield index, predict(model, model.normalize(image.to(device)), **options)[0].argmax(0), mask[0].to(device)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mbbackbones.checkpoint import CheckpointError, load_file
 
-from ..data import sample_seed
+from ..data import sample_seed, unwrap_worker_errors
 from ..files import atomic_write
 from .config import ConfigError, TrainConfig, load_config, read_yaml, to_dict
 from .logs import LOG, PLOT, RunLog
@@ -284,7 +284,7 @@ class Trainer:
     def micro_batches(self, epoch: int, start: int, stop: int) -> Iterator[list]:
         self.sampler.set_epoch(epoch, start, stop)
         group = []
-        for batch in self.loader:
+        for batch in unwrap_worker_errors(self.loader):
             group.append(batch)
             if len(group) == self.cfg.accumulate:
                 yield group
@@ -372,7 +372,7 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(unwrap_worker_errors(loader)):
         if i == batches:
             break
         task.forward_images(model, batch, device)

@@ -145,11 +145,13 @@ def test_builtin_loads(builtin, label_mode, num_classes):
     dataset = CocoDetection(builtin, "train2017", label_mode=label_mode, train=True)
     assert len(dataset) == 40 and dataset.num_classes == num_classes
     assert dataset.class_names[dataset.category_to_label[3]] == "circle"
+    annotations = instances(builtin, "train2017")["annotations"]
     for image, target in (dataset[i] for i in range(len(dataset))):
         assert image.dtype == torch.float32 and image.shape[0] == 3 and 0 <= image.min() <= image.max() <= 1
-        boxes = target["boxes"]
-        assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= image.shape[2]).all()
-        assert set(target["labels"].tolist()) <= set(dataset.label_to_category)
+        objects = [a for a in annotations if a["image_id"] == target["image_id"] and not a["iscrowd"]]
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)])
+        torch.testing.assert_close(target["boxes"], expected.reshape(-1, 4))  # shapes lie inside: nothing clipped
+        assert target["labels"].tolist() == [dataset.category_to_label[a["category_id"]] for a in objects]
 
 
 # ---- reading real COCO
@@ -240,7 +242,7 @@ def bad_bbox(root: Path):
     (break_annotations, r"instances_val2017\.json"),
     (truncate_json, r"instances_val2017\.json: invalid JSON at line 1 column \d+"),
     (drop_key, r"instances_val2017\.json: missing key\(s\) \['annotations'\]"),
-    (bad_bbox, r"instances_val2017\.json: annotation 1 has malformed bbox \[1, 2, 3\]"),
+    (bad_bbox, r"instances_val2017\.json: annotations\[0\] \(id 1\) has malformed bbox \[1, 2, 3\]"),
 ])
 def test_broken_dataset_errors_name_the_file(tmp_path, corrupt, message):
     root = write_coco(tmp_path / "coco", {"a.jpg": gray_image()}, [("a.jpg", [1, 2, 3, 4], 0)])

@@ -233,7 +233,8 @@ def test_save_and_load_results(sample, tmp_path):
         ("[{", ValueError, "malformed JSON"),
         ('{"image_id": 1}', ValueError, "expected a JSON list of results, got dict"),
         ('[{"image_id": 1, "category_id": 2, "score": 0.5}]', ValueError, "entry 0 is not a dict with"),
-        ('[{"image_id": 1, "category_id": 2, "bbox": [1, 2, 3], "score": 0.5}]', ValueError, "entry 0 is not"),
+        ('[{"image_id": 1, "category_id": 2, "bbox": [1, 2, 3], "score": 0.5}]', ValueError,
+         r"entry 0: bbox \[1, 2, 3\] is not \[x, y, w, h\]"),
         ("[3]", ValueError, "entry 0 is not"),
     ],
 )
@@ -252,3 +253,30 @@ def test_backend_errors(sample, monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # import now fails
     with pytest.raises(ImportError, match="pip install faster-coco-eval"):
         evaluate(sample, [], backend="faster_coco_eval")
+
+
+ENTRY = {"image_id": 1, "category_id": 2, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"score": float("nan")}, "score nan is not a finite number"),
+        ({"score": float("inf")}, "score inf is not a finite number"),
+        ({"score": "0.5"}, "score '0.5' is not a finite number"),
+        ({"bbox": [1.0, 2.0, float("inf"), 4.0]}, r"bbox \[1.0, 2.0, inf, 4.0\] is not \[x, y, w, h\]"),
+        ({"bbox": [float("nan"), 2.0, 3.0, 4.0]}, r"bbox \[nan, 2.0, 3.0, 4.0\] is not"),
+        ({"bbox": [1.0, 2.0, -3.0, 4.0]}, r"bbox \[1.0, 2.0, -3.0, 4.0\] is not \[x, y, w, h\] .* w, h >= 0"),
+        ({"bbox": ["1", 2.0, 3.0, 4.0]}, r"bbox \['1', 2.0, 3.0, 4.0\] is not"),
+        ({"bbox": "1 2 3 4"}, r"bbox '1 2 3 4' is not"),
+        ({"image_id": "1"}, "image_id '1' is not an integer"),
+        ({"category_id": 2.5}, "category_id 2.5 is not an integer"),
+        ({"category_id": True}, "category_id True is not an integer"),
+    ],
+)
+def test_load_results_rejects_bad_values_with_the_entry_index(tmp_path, change, message):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([ENTRY, ENTRY, {**ENTRY, **change}]))  # json writes nan/inf as NaN/Infinity
+    with pytest.raises(ValueError, match=message) as raised:
+        load_results(path)
+    assert str(raised.value).startswith(f"{path}: entry 2: ") and "\n" not in str(raised.value)

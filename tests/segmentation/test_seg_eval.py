@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from cityscapesscripts.helpers.csHelpers import getCsFileInfo
+from cityscapesscripts.helpers.labels import labels as official_labels
 from PIL import Image
 
 from heads.data import DataError
@@ -18,6 +19,7 @@ from heads.segmentation.cityscapes import CLASS_NAMES, TRAIN_ID_TO_ID, Cityscape
 from heads.segmentation.evaluate import (
     ConfusionMatrix,
     evaluate_folder,
+    evaluate_model,
     official_scores,
     plot_confusion,
     write_predictions,
@@ -96,6 +98,8 @@ def test_merge_all_reduce_and_errors(tmp_path):
         whole.update(torch.tensor([19]), torch.tensor([0]))
     with pytest.raises(ValueError, match="shape"):
         whole.update(torch.tensor([1, 2]), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"ignore_index 0 is a class index; use a value outside 0\.\.18"):
+        ConfusionMatrix(ignore_index=0)
 
 
 def test_prediction_files_follow_the_official_naming(val_set, predictions):
@@ -144,8 +148,11 @@ def test_evaluate_folder_errors(val_set, predictions, tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8) + 7).save(path)
     with pytest.raises(DataError, match=f"{path} is 10x10 but its ground truth .* is 192x96"):
         evaluate_folder(tmp_path, val_set)
-    Image.fromarray(np.zeros((96, 192), np.uint8)).save(path)
-    with pytest.raises(DataError, match=r"holds label ids \[0\] that are not evaluated"):
+    Image.fromarray(np.full((96, 192), 200, np.uint8)).save(path)
+    with pytest.raises(DataError, match=f"{path} holds label ids \\[200\\] outside the Cityscapes label table"):
+        evaluate_folder(tmp_path, val_set)
+    Image.fromarray(np.zeros((96, 192, 3), np.uint8)).save(path)
+    with pytest.raises(DataError, match=f"{path} must be a single-channel PNG of label ids, got shape"):
         evaluate_folder(tmp_path, val_set)
     shutil.copy(path, tmp_path / f"{stem}_leftImg8bit.png")
     with pytest.raises(DataError, match=f"one prediction {stem}\\*.png .* found .*_labelIds.png"):
@@ -168,3 +175,72 @@ def test_reports_table_json_and_confusion_plot(val_set, predictions, tmp_path):
     path = plot_confusion(metrics.confusion, CLASS_NAMES, tmp_path / "confusion.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 200
+
+
+VOID_IDS = [label.id for label in official_labels if label.id >= 0 and not 0 <= label.trainId < 255]
+
+
+def _assert_equal_scores(ours, reference):
+    assert ours.miou == pytest.approx(reference["miou"], abs=1e-9)
+    assert ours.category_miou == pytest.approx(reference["category_miou"], abs=1e-9)
+    for key in ("per_class_iou", "category_iou"):
+        for name, value in getattr(ours, key).items():
+            assert value == pytest.approx(reference[key][name], abs=1e-9, nan_ok=True), name
+
+
+def test_void_predictions_score_as_the_official_evaluator(val_set, predictions, tmp_path):
+    """Label ids that are not evaluated classes (0 'unlabeled', 9 'parking', ...) are accepted by cityscapesScripts
+    and count as misses of the ground-truth class; the number of such pixels is reported."""
+    rng, expected_void = np.random.default_rng(1), 0
+    for index, stem in enumerate(val_set.stems):
+        ids = np.asarray(Image.open(predictions / f"{stem}_labelIds.png")).copy()
+        void = rng.random(ids.shape) < [0.0, 0.3, 0.02, 0.1, 1.0, 0.05][index]
+        ids[void] = rng.choice(VOID_IDS, size=int(void.sum()))
+        Image.fromarray(ids).save(tmp_path / f"{stem}_labelIds.png")
+        expected_void += int((void & (val_set.load(index)[1] != 255)).sum())
+    ours = evaluate_folder(tmp_path, val_set)
+    reference = official_scores([tmp_path / f"{stem}_labelIds.png" for stem in val_set.stems],
+                                [label for _, label in val_set.files])
+    _assert_equal_scores(ours, reference)
+    assert expected_void > 1000 and ours.void_pixels == expected_void
+    assert f"{expected_void} px" in ours.table() and json.loads(ours.to_json())["void_pixels"] == expected_void
+
+
+def test_16_bit_label_pngs_score_as_the_official_evaluator(val_set, predictions, tmp_path):
+    """cityscapesScripts reads PNGs with numpy as they are: 16-bit label ids within the table are accepted."""
+    for stem in val_set.stems:
+        ids = np.asarray(Image.open(predictions / f"{stem}_labelIds.png"))
+        Image.fromarray(ids.astype(np.uint16)).save(tmp_path / f"{stem}_labelIds.png")
+    assert Image.open(tmp_path / f"{val_set.stems[0]}_labelIds.png").mode == "I;16"
+    pred_files = [tmp_path / f"{stem}_labelIds.png" for stem in val_set.stems]
+    ours = evaluate_folder(tmp_path, val_set)
+    _assert_equal_scores(ours, official_scores(pred_files, [label for _, label in val_set.files]))
+    assert ours.miou == evaluate_folder(predictions, val_set).miou
+    Image.fromarray(np.full((96, 192), 300, np.uint16)).save(pred_files[0])
+    with pytest.raises(DataError, match=f"{pred_files[0]} holds label ids \\[300\\] outside"):
+        evaluate_folder(tmp_path, val_set)
+
+
+def test_confusion_counts_void_predictions_as_misses():
+    """Hand-computed: class a has 2 GT pixels, one predicted a, one void (255): IoU 1/2; b is untouched."""
+    confusion = ConfusionMatrix(**TOY)
+    confusion.update(torch.tensor([0, 255, 1, 255]), torch.tensor([0, 0, 1, 255]))
+    metrics = confusion.compute()
+    assert metrics.per_class_iou["a"] == 0.5 and metrics.per_class_iou["b"] == 1.0
+    assert metrics.category_iou["x"] == 2 / 3 and metrics.void_pixels == 1 and metrics.pixel_accuracy == 2 / 3
+    assert metrics.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_one_line_with_or_without_workers(val_set, tmp_path, workers):
+    from heads.registry import create_model
+
+    root = tmp_path / "cityscapes"
+    shutil.copytree(val_set.root, root)
+    broken = root / val_set.files[1][0].relative_to(val_set.root)
+    broken.write_bytes(b"not a png")
+    model = create_model("lraspp_mbv3_small", num_classes=19).eval()
+    with pytest.raises(DataError) as raised:
+        evaluate_model(model, Cityscapes(root, "val"), "cpu", limit=2, workers=workers)
+    message = str(raised.value)
+    assert message.startswith(f"corrupt or unreadable image {broken}: ") and "\n" not in message
