@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torchvision.ops import SqueezeExcitation
@@ -54,7 +55,7 @@ class InvertedResidual(nn.Module):
 class DepthwiseSeparable(nn.Module):
     """MobileNetV1 block: depthwise 3x3 -> BN -> act -> 1x1 projection -> BN -> act; no expansion."""
 
-    def __init__(self, spec, norm=nn.BatchNorm2d, drop_path_rate: float = 0.0):
+    def __init__(self, spec, norm=nn.BatchNorm2d):
         super().__init__()
         conv = partial(ConvNormAct, norm=norm, act=spec.act)
         channels = spec.in_channels
@@ -67,3 +68,16 @@ class DepthwiseSeparable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(x, x)
+
+
+class PointwiseLinear(nn.Linear):
+    """A Linear over the channels: [B, C] -> [B, out], and [B, C, H, W] -> [B, out, H, W] as a 1x1 conv.
+
+    The classifier head's layers: torchvision's Linear weight layout (checkpoints load unchanged), and timm's
+    unpooled head (``global_pool=''``), whose 1x1 ``conv_head`` acts at every position.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -102,17 +102,24 @@ default_cfgs = generate_default_cfgs({
     f"{entry.name}.{tag}": cfg for entry in MODELS for tag, cfg in (entry.weights or {"untrained": _cfg()}).items()
 })
 
-# what timm.create_model may pass besides the model's own arguments
-_BUILDER_ARGS = set(inspect.signature(build_model_with_cfg).parameters) | {"features_only", "out_indices",
-                                                                            "feature_cls", "pruned"}
-_VALID_ARGS = sorted((set(inspect.signature(MobileNet).parameters) | _BUILDER_ARGS) - {"arch", "width", "model_cls",
-                                                                                        "variant"})
+# timm's spellings of our arguments (timm's EfficientNet / MobileNetV3 builders read bn_eps and bn_momentum)
+TIMM_SPELLINGS = {"bn_eps": "norm_eps", "bn_momentum": "norm_momentum"}
+# what timm.create_model may pass besides the model's own arguments (not those _build sets itself)
+_BUILDER_ARGS = {name for name, p in inspect.signature(build_model_with_cfg).parameters.items()
+                 if p.kind is not p.VAR_KEYWORD} | {"features_only", "out_indices", "feature_cls", "pruned"}
+_VALID_ARGS = sorted((set(inspect.signature(MobileNet).parameters) | _BUILDER_ARGS | set(TIMM_SPELLINGS)) - {
+    "arch", "width", "model_cls", "variant", "pretrained", "pretrained_filter_fn", "feature_cfg", "model_cfg"})
 
 
 def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
     unknown = sorted(set(kwargs) - set(_VALID_ARGS))
     if unknown:
         raise TypeError(f"{entry.name}: unknown argument(s) {', '.join(unknown)}; valid: {', '.join(_VALID_ARGS)}")
+    for timm_name, name in TIMM_SPELLINGS.items():
+        if timm_name in kwargs:
+            if name in kwargs:
+                raise TypeError(f"{entry.name}: {timm_name} is timm's spelling of {name}; pass only {name}")
+            kwargs[name] = kwargs.pop(timm_name)
     file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     if pretrained and file and not os.path.isfile(file):
         raise FileNotFoundError(f"{entry.name}: pretrained file not found: {file}")

@@ -1,14 +1,14 @@
 """SSDLite (MobileNetV3 paper §6.2) on any registered backbone, with torchvision's detection I/O."""
-from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder, SSDMatcher
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssdlite import SSDLiteHead
@@ -42,19 +42,26 @@ class SSDLite(nn.Module):
     Call it like a torchvision detector: in training, ``model(images, targets)`` returns the losses
     ``{"bbox_regression", "classification"}``; in eval, ``model(images)`` returns per image
     ``{"boxes" (xyxy, input pixels), "scores", "labels"}``. Images are 3xHxW floats in [0, 1] of any
-    size; they are resized to ``size`` x ``size``. ``forward_batch`` is the plain tensor path for export.
+    size; they are resized to ``size`` x ``size``. ``forward_batch`` is the plain tensor path for export
+    (``torch.export``, ONNX); the model itself scripts (``torch.jit.script``) with the same I/O.
 
     Args:
         backbone: registered mbbackbones name.
         num_classes: classes including the background (label 0); 91 is torchvision's COCO space.
-        pretrained_backbone: local file with backbone weights; without one, torchvision's SSDLite
+        pretrained_backbone: True (the backbone's ImageNet weights) or a local file; without, torchvision's SSDLite
             initialisation (normal, std 0.03) is used for every conv.
         extra_channels: output channels of the extra layers after C5.
+        norm_eps, norm_momentum: BatchNorm settings of the whole detector, backbone included
+            (torchvision's SSDLite: 1e-3, 0.03).
         backbone_kwargs: passed to the backbone (e.g. ``width``-specific options, ``drop_path_rate``).
     """
 
     task = "detection"
     class_layers = ("head.classification_head.",)  # state-dict prefixes whose shapes follow num_classes
+    __jit_unused_properties__ = ["postprocess"]  # metadata, not part of the scripted model
+    __jit_ignored_attributes__ = ["_anchors"]  # the eager cache of default boxes
+    box_coder: BoxCoder  # typed for TorchScript, as torchvision's SSD
+    matcher: Matcher
 
     def __init__(self, backbone: str = "mbv3_large_reduced", num_classes: int = 91,
                  pretrained_backbone: str | None = None, size: int = 320,
@@ -62,13 +69,14 @@ class SSDLite(nn.Module):
                  iou_thresh: float = 0.5, neg_to_pos_ratio: int = 3, score_thresh: float = 0.001,
                  nms_thresh: float = 0.55, detections_per_img: int = 300, topk_candidates: int = 300,
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
-                 **backbone_kwargs):
+                 norm_eps: float = 1e-3, norm_momentum: float = 0.03, **backbone_kwargs):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must count the background too (at least 2)")
-        norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.03)  # torchvision's SSDLite BatchNorm
+        norm = partial(nn.BatchNorm2d, eps=norm_eps, momentum=norm_momentum)
         self.backbone = create_backbone(backbone, pretrained_backbone, feature_location="expansion",
-                                        out_indices=(3, 4), norm_eps=1e-3, norm_momentum=0.03, **backbone_kwargs)
+                                        out_indices=(3, 4), norm_eps=norm_eps, norm_momentum=norm_momentum,
+                                        **backbone_kwargs)
         channels = [*self.backbone.feature_info.channels(), *extra_channels]
         self.extra = nn.ModuleList(extra_block(c_in, c_out, norm) for c_in, c_out in zip(channels[1:], channels[2:]))
         self.anchor_generator = DefaultBoxGenerator([[2, 3]] * len(channels), min_ratio=min_ratio, max_ratio=max_ratio)
@@ -77,48 +85,51 @@ class SSDLite(nn.Module):
         if not pretrained_backbone:
             normal_init(self.backbone)
         self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-        self.matcher = SSDMatcher(iou_thresh)
+        self.matcher = Matcher(iou_thresh, iou_thresh)
         self.size = size
         self.num_classes = num_classes
         self.neg_to_pos_ratio = neg_to_pos_ratio
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.score_thresh, self.nms_thresh = float(score_thresh), float(nms_thresh)
         self.detections_per_img, self.topk_candidates = detections_per_img, topk_candidates
         self.normalize = Normalize(image_mean, image_std)
         self._anchors: dict[tuple, Tensor] = {}
 
-    def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None):
-        sizes = [tuple(image.shape[-2:]) for image in images]
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        sizes = [(image.shape[-2], image.shape[-1]) for image in images]
         batch = torch.stack([self.resize(image) for image in images])
         if self.training:
             if targets is None:
                 raise ValueError("SSDLite in training mode needs targets: model(images, targets)")
-            targets = [self._scale_target(t, s) for t, s in zip(targets, sizes)]
-            return self.compute_loss(self.predict(batch), targets)
-        boxes, scores = self.decode(self.predict(batch), batch.shape[-2:])
-        return [self.select(b, s, size) for b, s, size in zip(boxes, scores, sizes)]
+            scaled = [self._scale_target(target, size) for target, size in zip(targets, sizes)]
+            return self.compute_loss(self.predict(batch), scaled)
+        boxes, scores = self.forward_batch(batch)
+        return [self.select(boxes[i], scores[i], sizes[i]) for i in range(len(sizes))]
 
     def resize(self, image: Tensor) -> Tensor:
         """A 3xHxW image in [0, 1] at the model size (bilinear, as torchvision's transform)."""
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"expected images as 3xHxW float tensors in [0, 1], got {image.dtype} "
-                             f"{tuple(image.shape)}")
-        if image.shape[-2:] == (self.size, self.size):
+                             f"{list(image.shape)}")
+        if image.shape[-2] == self.size and image.shape[-1] == self.size:
             return image
-        return F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+        return F.interpolate(image[None], size=[self.size, self.size], mode="bilinear", align_corners=False)[0]
 
-    def _scale_target(self, target: Mapping[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
+    def _scale_target(self, target: Dict[str, Tensor], size: Tuple[int, int]) -> Dict[str, Tensor]:
         boxes = target["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"target boxes must be [N, 4] xyxy, got {tuple(boxes.shape)}")
-        if (boxes[:, 2:] <= boxes[:, :2]).any():
-            raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in a target: {boxes.tolist()}")
-        scale = boxes.new_tensor([self.size / size[1], self.size / size[0]]).repeat(2)
-        return {"boxes": boxes * scale, "labels": target["labels"]}
+            raise ValueError(f"target boxes must be [N, 4] xyxy, got {list(boxes.shape)}")
+        if bool((boxes[:, 2:] <= boxes[:, :2]).any()):
+            listed = torch.jit.annotate(List[List[float]], boxes.tolist())
+            raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in a target: {listed}")
+        scale = torch.tensor([self.size / size[1], self.size / size[0]], dtype=boxes.dtype, device=boxes.device)
+        return {"boxes": boxes * scale.repeat(2), "labels": target["labels"]}
 
-    def predict(self, batch: Tensor) -> dict[str, Tensor]:
+    def predict(self, batch: Tensor) -> Dict[str, Tensor]:
         """Raw head outputs for images in [0, 1] at the model size: box deltas [B, A, 4], logits [B, A, C]."""
         x = self.normalize(batch)
         features = self.backbone(x)
+        assert isinstance(features, list)  # narrows timm's Union return type for TorchScript
         x = features[-1]
         for block in self.extra:
             x = block(x)
@@ -127,24 +138,29 @@ class SSDLite(nn.Module):
         out["anchors"] = self.anchors(batch.shape[-2:], [f.shape[-2:] for f in features], batch)
         return out
 
-    def anchors(self, image_size, grid_sizes, like: Tensor) -> Tensor:
-        """Default boxes in xyxy input pixels, cached per input and feature map sizes."""
+    def anchors(self, image_size: List[int], grid_sizes: List[List[int]], like: Tensor) -> Tensor:
+        """Default boxes in xyxy input pixels, cached per input and feature map sizes (when not scripted)."""
+        if torch.jit.is_scripting():
+            return self._default_boxes(image_size, grid_sizes, like)
         key = (tuple(image_size), *map(tuple, grid_sizes), like.dtype, like.device)
         if key not in self._anchors:
-            maps = [like.new_empty(0, 0, *grid) for grid in grid_sizes]
-            self._anchors[key] = self.anchor_generator(ImageList(like[:1], [tuple(image_size)]), maps)[0]
+            self._anchors[key] = self._default_boxes(image_size, grid_sizes, like)
         return self._anchors[key]
 
-    def decode(self, head: Mapping[str, Tensor], image_size) -> tuple[Tensor, Tensor]:
+    def _default_boxes(self, image_size: List[int], grid_sizes: List[List[int]], like: Tensor) -> Tensor:
+        maps = [like.new_empty([0, 0, grid[0], grid[1]]) for grid in grid_sizes]
+        return self.anchor_generator(ImageList(like[:1], [(image_size[0], image_size[1])]), maps)[0]
+
+    def decode(self, head: Dict[str, Tensor], image_size: List[int]) -> Tuple[Tensor, Tensor]:
         """Boxes [B, A, 4] clipped to the image and class probabilities [B, A, C], all images at once."""
         deltas, anchors = head["bbox_regression"], head["anchors"]
         boxes = self.box_coder.decode_single(deltas.reshape(-1, 4), anchors.repeat(deltas.shape[0], 1))
-        height, width = image_size
-        limits = boxes.new_tensor([width, height, width, height])
+        height, width = image_size[0], image_size[1]
+        limits = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), limits).view_as(deltas)
         return boxes, head["cls_logits"].softmax(-1)
 
-    def forward_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_batch(self, batch: Tensor) -> Tuple[Tensor, Tensor]:
         """Export path: [B, 3, size, size] in [0, 1] -> decoded boxes [B, A, 4] and probabilities [B, A, C]."""
         return self.decode(self.predict(batch), batch.shape[-2:])
 
@@ -154,23 +170,33 @@ class SSDLite(nn.Module):
         return dict(score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
                     topk_candidates=self.topk_candidates, detections_per_img=self.detections_per_img)
 
-    def select(self, boxes: Tensor, scores: Tensor, original_size: tuple[int, int]) -> dict[str, Tensor]:
+    def select(self, boxes: Tensor, scores: Tensor, original_size: Tuple[int, int]) -> Dict[str, Tensor]:
         """One image's detections from :meth:`forward_batch`'s outputs: :func:`select_detections` with this
         model's settings."""
         return select_detections(boxes, scores, original_size, self.size, self.score_thresh, self.nms_thresh,
                                  self.topk_candidates, self.detections_per_img)
 
-    def compute_loss(self, head: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def match(self, iou: Tensor) -> Tensor:
+        """torchvision's ``SSDMatcher`` (which TorchScript cannot compile): each anchor's box if their IoU reaches
+        ``iou_thresh`` (else -1), and every box keeps its best anchor."""
+        matches = self.matcher(iou)
+        best_anchor = iou.max(dim=1).indices
+        matches[best_anchor] = torch.arange(best_anchor.numel(), dtype=matches.dtype, device=matches.device)
+        return matches
+
+    def compute_loss(self, head: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """Smooth-L1 on matched boxes and cross-entropy with 3:1 hard negative mining, over the foreground count."""
         anchors, deltas, logits = head["anchors"], head["bbox_regression"], head["cls_logits"]
-        matched, gt_boxes, gt_labels = [], [], []
+        matched: List[Tensor] = []
+        gt_boxes: List[Tensor] = []
+        gt_labels: List[Tensor] = []
         for target in targets:
             boxes, labels = target["boxes"], target["labels"]
             if boxes.numel() == 0:
                 matched.append(torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device))
-                boxes, labels = anchors.new_zeros(1, 4), labels.new_zeros(1)
+                boxes, labels = anchors.new_zeros((1, 4)), labels.new_zeros((1,))
             else:
-                matched.append(self.matcher(box_iou(boxes, anchors)))
+                matched.append(self.match(box_iou(boxes, anchors)))
             gt_boxes.append(boxes[matched[-1].clamp(min=0)])
             gt_labels.append(labels[matched[-1].clamp(min=0)])
         foreground = torch.stack(matched) >= 0
@@ -204,9 +230,9 @@ class SSDLite(nn.Module):
         return result
 
 
-def select_detections(boxes: Tensor, scores: Tensor, original_size: tuple[int, int], size: int,
+def select_detections(boxes: Tensor, scores: Tensor, original_size: Tuple[int, int], size: int,
                       score_thresh: float, nms_thresh: float, topk_candidates: int,
-                      detections_per_img: int) -> dict[str, Tensor]:
+                      detections_per_img: int) -> Dict[str, Tensor]:
     """One image's detections from decoded boxes [A, 4] (xyxy, ``size`` x ``size`` pixels) and class probabilities
     [A, C]: per-class top-k over the threshold, one batched NMS, boxes rescaled to ``original_size`` (H, W).
 
@@ -214,11 +240,11 @@ def select_detections(boxes: Tensor, scores: Tensor, original_size: tuple[int, i
     """
     per_class = scores[:, 1:].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
     top_scores, anchor_index = per_class.topk(min(topk_candidates, per_class.shape[1]), dim=1)
-    label, rank = (top_scores > score_thresh).nonzero(as_tuple=True)
+    label, rank = (top_scores > score_thresh).nonzero().unbind(1)
     candidates, candidate_scores, labels = boxes[anchor_index[label, rank]], top_scores[label, rank], label + 1
     kept = greedy_nms(candidates, candidate_scores, labels, nms_thresh, detections_per_img)
     height, width = original_size
-    scale = boxes.new_tensor([width / size, height / size]).repeat(2)
+    scale = torch.tensor([width / size, height / size], dtype=boxes.dtype, device=boxes.device).repeat(2)
     return {"boxes": candidates[kept] * scale, "scores": candidate_scores[kept], "labels": labels[kept]}
 
 
@@ -230,12 +256,13 @@ def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
     enough survive instead of suppressing among tens of thousands of low-score boxes.
     """
     count = 3 * keep  # <= 1000 boxes: batched_nms's single-call path on CPU
-    while True:
+    best = scores.topk(min(count, scores.numel())).indices
+    kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
+    while kept.numel() < keep and best.numel() < scores.numel():
+        count *= 4
         best = scores.topk(min(count, scores.numel())).indices
         kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
-        if kept.numel() >= keep or best.numel() == scores.numel():
-            return best[kept[:keep]]
-        count *= 4
+    return best[kept[:keep]]
 
 
 def torchvision_backbone_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -82,10 +82,11 @@ class LRASPP(nn.Module):
     Args:
         backbone: registered mbbackbones name.
         num_classes: output classes (19 for Cityscapes train ids).
-        pretrained_backbone: local file with backbone weights.
+        pretrained_backbone: True (the backbone's ImageNet weights) or a local file with backbone weights.
         inter_channels: width of the high branch (the paper's 128 filters).
         pooling: "global" (adaptive average pool to 1x1, as torchvision) or "large_kernel"
-            (the paper's ``pool_kernel`` / ``pool_stride`` average pool, gate upsampled bilinearly).
+            (the paper's average pool, gate upsampled bilinearly).
+        pool_kernel, pool_stride: the "large_kernel" pool's (default: the paper's 49x49, stride (16, 20)).
         output_stride: backbone output stride (8, 16 or 32); the stages past it are dilated.
         backbone_kwargs: passed to the backbone; its BatchNorm defaults to the architecture's
             (V3: torchvision's eps 1e-3, momentum 0.01).
@@ -95,14 +96,19 @@ class LRASPP(nn.Module):
     class_layers = ("head.low_classifier.", "head.high_classifier.")  # state-dict prefixes that follow num_classes
 
     def __init__(self, backbone: str = "mbv3_large", num_classes: int = 19, pretrained_backbone: str | None = None,
-                 inter_channels: int = 128, pooling: str = "global", pool_kernel: tuple[int, int] = (49, 49),
-                 pool_stride: tuple[int, int] = (16, 20), output_stride: int = 16, **backbone_kwargs):
+                 inter_channels: int = 128, pooling: str = "global", pool_kernel: tuple[int, int] | None = None,
+                 pool_stride: tuple[int, int] | None = None, output_stride: int = 16, **backbone_kwargs):
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
+        pool_sizes = {name: value for name, value in (("kernel_size", pool_kernel), ("stride", pool_stride))
+                      if value is not None}
+        if pooling == "global" and pool_sizes:
+            raise ValueError("pool_kernel and pool_stride size the pooling='large_kernel' pool; with "
+                             "pooling='global' they have no effect: drop them or set pooling='large_kernel'")
         self.backbone = create_backbone(backbone, pretrained_backbone, output_stride=output_stride,
                                         feature_location="downsample", out_indices=(2, 4), **backbone_kwargs)
         low_channels, high_channels = self.backbone.feature_info.channels()
-        pool = nn.AdaptiveAvgPool2d(1) if pooling == "global" else LargeKernelAvgPool(pool_kernel, pool_stride)
+        pool = nn.AdaptiveAvgPool2d(1) if pooling == "global" else LargeKernelAvgPool(**pool_sizes)
         self.head = LRASPPHead(low_channels, high_channels, num_classes, inter_channels, pool)
         self.num_classes = num_classes
         self.normalize = Normalize(self.backbone.pretrained_cfg["mean"], self.backbone.pretrained_cfg["std"])

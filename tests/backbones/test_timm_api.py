@@ -1,15 +1,36 @@
-"""timm's model API on every registered model, and one-line errors for bad input."""
+"""timm's model API on every registered model, checked against timm's own MobileNets, and one-line errors."""
 import copy
 
 import pytest
 import timm
 import torch
+from conftest import randomize_batchnorm
 from timm.data import resolve_data_config
+from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
 import mbbackbones
+from mbbackbones import convert
 
 NAMES = mbbackbones.list_models()
+# ours, timm's own model of the same architecture, our arguments for timm's weights
+TIMM_TWINS = [("mbv3_large", "mobilenetv3_large_100", dict(norm_eps=1e-5)),
+              ("mbv2_100", "mobilenetv2_100", {}),
+              ("mbv1_100", "mobilenetv1_100", {})]
+IMAGE = torch.randn(2, 3, 128, 128)
+
+
+def twins(name, timm_name, kwargs):
+    """Our model and timm's, with the same (timm's) weights and non-trivial BatchNorm statistics."""
+    reference = randomize_batchnorm(timm.create_model(timm_name))
+    model = timm.create_model(name, **kwargs).eval()
+    model.load_state_dict(convert(reference.state_dict(), model))
+    return model, reference
+
+
+def assert_close(ours, theirs):
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,12 +91,170 @@ def test_pruned_features_match_full_model():
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in full.parameters())
 
 
-def test_forward_intermediates_returns_final_map():
-    model = timm.create_model("mbv3_small").eval()
-    x = torch.randn(1, 3, 64, 64)
-    final, intermediates = model.forward_intermediates(x)
-    assert len(intermediates) == 5 and torch.equal(final, intermediates[-1])
-    assert torch.allclose(final, model.forward_features(x))
+@pytest.mark.parametrize(("name", "timm_name", "kwargs"), TIMM_TWINS)
+def test_unpooled_head_matches_timm(name, timm_name, kwargs):
+    """global_pool='': timm's maps before pooling, its 1x1 head conv applied at every position ([B, 1280, H, W])."""
+    model, reference = twins(name, timm_name, kwargs)
+    with torch.no_grad():
+        features = reference.forward_features(IMAGE)
+        for net in (model, reference):
+            net.reset_classifier(0, "")
+        expected = reference(IMAGE)
+        assert expected.dim() == 4
+        assert_close(model(IMAGE), expected)
+        assert_close(model.forward_head(features, pre_logits=True), expected)
+    unpooled = timm.create_model(name, global_pool="", num_classes=0, **kwargs).eval()
+    unpooled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert_close(unpooled(IMAGE), expected)
+
+
+@pytest.mark.parametrize("name", ["mbv3_small", "mbv2_050", "mbv1_050"])
+def test_unpooled_classifier_gives_logits_at_every_position(name):
+    """With classes and global_pool='', the head acts per position: on a 1x1 map those are the pooled logits."""
+    model = timm.create_model(name, num_classes=5).eval()
+    unpooled = timm.create_model(name, num_classes=5, global_pool="").eval()
+    unpooled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert unpooled(IMAGE).shape == (2, 5, 4, 4)
+        small = torch.randn(2, 3, 32, 32)  # a 1x1 final map
+        assert torch.allclose(unpooled(small).flatten(1), model(small), atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "timm_name", "kwargs"), TIMM_TWINS)
+def test_pruned_model_forward_matches_timm(name, timm_name, kwargs):
+    model, reference = twins(name, timm_name, kwargs)
+    assert model.prune_intermediate_layers([1, 3]) == reference.prune_intermediate_layers([1, 3]) == [1, 3]
+    with torch.no_grad():
+        assert_close(model(IMAGE), reference(IMAGE))  # the C4 map, unpooled
+    assert model.num_features == reference.num_features
+
+
+@pytest.mark.parametrize(("name", "timm_name", "kwargs"), TIMM_TWINS)
+@pytest.mark.parametrize("indices", [[1, 3], [-2, 0], [0, 1, 2, 3]])
+def test_forward_intermediates_match_timm(name, timm_name, kwargs, indices):
+    """The final map is forward_features' (960 channels on V3-Large), whichever taps are taken; the taps come in
+    network order. (C1..C4 only: timm's V2 C5 is its last block, 320 channels; ours the last conv, as torchvision.)"""
+    model, reference = twins(name, timm_name, kwargs)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(IMAGE, indices=indices)
+        expected_final, expected = reference.forward_intermediates(IMAGE, indices=indices)
+        assert_close(final, expected_final)
+        assert_close(final, reference.forward_features(IMAGE))
+        for ours, theirs in zip(intermediates, expected, strict=True):
+            assert_close(ours, theirs)
+        early = model.forward_intermediates(IMAGE, indices=indices, stop_early=True, intermediates_only=True)
+        for ours, theirs in zip(early, expected, strict=True):
+            assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("location", ["block", "expansion"])
+def test_stop_early_skips_the_layers_after_the_last_tap(location):
+    model = timm.create_model("mbv3_small", feature_location=location).eval()
+    called = []
+    for module in (model.blocks[-1], model.last_conv):
+        module.register_forward_hook(lambda *_: called.append(True))
+    with torch.no_grad():
+        full = model.forward_intermediates(IMAGE, indices=[0, 2], intermediates_only=True)
+        assert called
+        called.clear()
+        early = model.forward_intermediates(IMAGE, indices=[0, 2], intermediates_only=True, stop_early=True)
+    assert not called
+    assert all(torch.equal(a, b) for a, b in zip(early, full, strict=True))
+
+
+def test_gradient_checkpointing_applies_to_features_only_models():
+    """timm's forward_intermediates checkpoints each block: the forward runs again during the backward."""
+    model = timm.create_model("mbv3_small", features_only=True).train()
+    calls = []
+    model.model.blocks[5].register_forward_pre_hook(lambda *_: calls.append(True))
+    x = torch.randn(2, 3, 64, 64)
+    expected = torch.autograd.grad(sum(f.sum() for f in model(x)), model.model.stem.conv.weight)[0]
+    assert len(calls) == 1
+    model.model.set_grad_checkpointing()
+    actual = torch.autograd.grad(sum(f.sum() for f in model(x)), model.model.stem.conv.weight)[0]
+    assert len(calls) == 3
+    assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(output_fmt="NHWC"),
+    dict(stop_early=True),
+    dict(indices=[0, 5]),
+    dict(indices=6),
+    dict(indices=0),
+    dict(indices=[]),
+], ids=["output_fmt", "stop_early", "index", "last_n", "last_0", "empty"])
+def test_forward_intermediates_misuse_fails_as_timm(kwargs):
+    """The exception types of timm's own model, with one line that names the valid values."""
+    with pytest.raises(Exception) as expected:
+        timm.create_model("mobilenetv3_large_100").forward_intermediates(IMAGE, **kwargs)
+    with pytest.raises(expected.type) as error:
+        timm.create_model("mbv3_large").forward_intermediates(IMAGE, **kwargs)
+    assert "\n" not in str(error.value) and str(error.value)
+    if "indices" in kwargs:
+        assert "valid indices are 0..4 (C1..C5, strides 2, 4, 8, 16, 32)" in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "timm_name", "kwargs"), TIMM_TWINS)
+def test_other_poolings_size_the_head_as_timm(name, timm_name, kwargs):
+    model = timm.create_model(name, global_pool="catavgmax", **kwargs).eval()
+    reference = timm.create_model(timm_name, global_pool="catavgmax")
+    assert model.head_hidden_size == reference.head_hidden_size
+    assert model(IMAGE).shape == (2, 1000)
+    if name.startswith("mbv3"):
+        assert model.head_fc.in_features == reference.conv_head.in_channels == 2 * 960
+        with pytest.raises(AssertionError):
+            reference.reset_classifier(10, "avg")
+        with pytest.raises(AssertionError, match="global_pool='avg' gives 960 channels, but the head's hidden layer "
+                                                 "takes 1920") as error:
+            model.reset_classifier(10, "avg")
+        assert "\n" not in str(error.value)
+    else:
+        model.reset_classifier(10, "avg")
+        assert model(IMAGE).shape == (2, 10)
+
+
+def test_feature_location_accepts_timms_bottleneck():
+    ours = timm.create_model("mbv3_large", features_only=True, feature_location="bottleneck")
+    theirs = timm.create_model("mobilenetv3_large_100", features_only=True, feature_location="bottleneck")
+    assert ours.feature_info.channels() == theirs.feature_info.channels() == [16, 24, 40, 112, 960]
+    assert ours.feature_info.module_name() == timm.create_model(
+        "mbv3_large", features_only=True, feature_location="block").feature_info.module_name()
+
+
+def test_timm_batchnorm_spelling():
+    """bn_eps / bn_momentum, as timm's MobileNet builders read them, set every BatchNorm."""
+    model = timm.create_model("mbv3_small", bn_eps=1e-5, bn_momentum=0.2)
+    reference = timm.create_model("mobilenetv3_small_100", bn_eps=1e-5, bn_momentum=0.2)
+    for net in (model, reference):
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert {(m.eps, m.momentum) for m in norms} == {(1e-5, 0.2)}
+    with pytest.raises(TypeError, match="mbv3_small: bn_eps is timm's spelling of norm_eps; pass only norm_eps"):
+        timm.create_model("mbv3_small", bn_eps=1e-5, norm_eps=1e-3)
+
+
+def test_drop_path_rate_reaches_the_residual_blocks():
+    model = timm.create_model("mbv2_100", drop_path_rate=0.2)
+    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert model.blocks[1].drop_path.drop_prob == pytest.approx(0.2 / 16)
+    with pytest.raises(ValueError, match="drop_path_rate=0.1 has no effect on MobileNetV1: its blocks have no "
+                                         "residual branch") as error:
+        timm.create_model("mbv1_100", drop_path_rate=0.1)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["mbv3_large", "mbv2_100", "mbv1_100"])
+def test_group_matcher_coarse_groups_blocks_by_stride(name):
+    model = timm.create_model(name)
+    fine = group_parameters(model, model.group_matcher(coarse=False))
+    coarse = group_parameters(model, model.group_matcher(coarse=True))
+    # stem, each block (coarse: each stride, 2 to 32), head; the last conv joins the last group, as timm's conv_head
+    assert len(fine) == 1 + len(model.blocks) + 1
+    assert len(coarse) == 1 + 5 + 1
+    for names in coarse.values():
+        blocks = {int(n.split(".")[1]) for n in names if n.startswith("blocks.")}
+        assert len({model._block_reductions[i] for i in blocks}) <= 1
 
 
 def test_builds_on_meta_device():
@@ -112,9 +291,16 @@ def test_unknown_name_suggests_the_closest():
     (dict(feature_location="depthwise"), r"feature_location='depthwise' is not supported; choose one of 'block'"),
     (dict(features_only=True, out_indices=(0, 5)), r"out_indices=\(0, 5\) is out of range: valid indices are 0..4"),
     (dict(features_only=True, out_indices=6), r"out_indices=6 is out of range"),
+    (dict(features_only=True, out_indices=()), r"out_indices=\(\) selects no feature map: valid indices are 0..4"),
     (dict(reduce_tail=True), r"mbv3_large: unknown argument\(s\) reduce_tail; valid: .*reduced_tail"),
+    (dict(kwargs={}), r"mbv3_large: unknown argument\(s\) kwargs;"),
 ])
 def test_bad_arguments_get_one_line_errors(kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message) as error:
+    """The exception type timm raises for the same mistake (feature_take_indices: AssertionError, ValueError)."""
+    with pytest.raises((ValueError, TypeError, AssertionError), match=message) as error:
         timm.create_model("mbv3_large", **kwargs)
     assert "\n" not in str(error.value)
+    if "out_indices" in kwargs:
+        with pytest.raises(error.type):
+            timm.create_model("mobilenetv3_large_100", features_only=True, feature_cls="getter",
+                              out_indices=kwargs["out_indices"])

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 from benchmarking.workloads import calibrated_torchvision_detector
+from conftest import randomize_batchnorm
 from PIL import Image
+from torch import nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops import batched_nms
 
@@ -118,6 +120,57 @@ def test_forward_batch_matches_eval_path(torchvision_pair):
         expected = ours.select(boxes[0], scores[0], (320, 320))
         actual = ours([image])[0]
     assert torch.equal(expected["boxes"], actual["boxes"])
+
+
+def test_torchscript_matches_eager(torchvision_pair):
+    """As torchvision's detectors script: the same lists of images and dicts in and out, in eval and training."""
+    _, ours, images, _ = torchvision_pair
+    assert ours.meta["task"] == "detection"  # metadata (a plain dict) does not get in the way
+    scripted = torch.jit.script(ours)
+    with torch.no_grad():
+        expected, actual = ours(images), scripted(images)
+    for e, a in zip(expected, actual, strict=True):
+        assert e.keys() == a.keys() and len(e["boxes"]) > 0
+        for key in e:
+            torch.testing.assert_close(a[key], e[key])
+    targets = [{"boxes": torch.tensor([[10.0, 20, 200, 300]]), "labels": torch.tensor([3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+               {"boxes": torch.tensor([[0.0, 0, 100, 100]]), "labels": torch.tensor([5])}]
+    try:
+        expected, actual = ours.train()(images, targets), scripted.train()(images, targets)
+    finally:
+        ours.eval(), scripted.eval()
+    torch.testing.assert_close(actual, expected)
+
+
+class ForwardBatch(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.forward_batch(batch)
+
+
+def test_torch_export_of_forward_batch_matches_eager():
+    model = randomize_batchnorm(heads.create_model("ssdlite320_mbv3_small_reduced", num_classes=5))
+    batch = torch.rand(2, 3, 320, 320)
+    exported = torch.export.export(ForwardBatch(model), (batch,)).module()
+    with torch.no_grad():
+        for actual, expected in zip(exported(batch), model.forward_batch(batch), strict=True):
+            torch.testing.assert_close(actual, expected)
+
+
+def test_norm_settings_reach_every_batchnorm():
+    """torchvision's SSDLite BatchNorm (eps 1e-3, momentum 0.03) throughout, or the one given, backbone included."""
+    def settings(model):
+        return {(m.eps, m.momentum) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    assert settings(heads.create_model("ssdlite320_mbv3_small_reduced")) == {(1e-3, 0.03)}
+    model = heads.create_model("ssdlite320_mbv3_small_reduced", norm_eps=1e-5, norm_momentum=0.1)
+    assert settings(model) == {(1e-5, 0.1)}
+    with pytest.raises(TypeError, match="bn_eps is timm's spelling of norm_eps; pass only norm_eps"):
+        heads.create_model("ssdlite320_mbv3_small_reduced", bn_eps=1e-5)
 
 
 def test_nms_keeps_exactly_torchvisions_detections():

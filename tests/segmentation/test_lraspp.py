@@ -95,6 +95,12 @@ def test_output_stride(output_stride):
         assert model(torch.randn(1, 3, 64, 80)).shape == (1, 19, 64, 80)
 
 
+def test_large_kernel_pool_sizes_reach_the_pool():
+    assert heads.create_model("lraspp_mbv3_small", pooling="large_kernel").head.gate.pool.kernel_size == (49, 49)
+    model = heads.create_model("lraspp_mbv3_small", pooling="large_kernel", pool_kernel=(25, 25), pool_stride=(8, 8))
+    assert (model.head.gate.pool.kernel_size, model.head.gate.pool.stride) == ((25, 25), (8, 8))
+
+
 def test_large_kernel_pool_is_the_papers_at_full_size_and_global_when_small():
     pool = LargeKernelAvgPool((49, 49), (16, 20))
     features = torch.randn(1, 8, 64, 128)  # 1024x2048 input at output stride 16
@@ -107,6 +113,8 @@ def test_large_kernel_pool_is_the_papers_at_full_size_and_global_when_small():
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(pooling="max"), "pooling='max' is not supported; choose one of 'global', 'large_kernel'"),
     (dict(output_stride=4), "output_stride=4 is not supported"),
+    (dict(pool_kernel=(25, 25)), "pool_kernel and pool_stride size the pooling='large_kernel' pool; with "
+                                 "pooling='global' they have no effect"),
 ])
 def test_bad_arguments_fail_in_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -121,6 +129,14 @@ def test_torchscript(pooling):
     x = torch.randn(1, 3, 64, 1280)  # wide enough for a 1x2 large-kernel gate
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-6)
+
+
+def test_torch_export_matches_eager():
+    model = randomize_batchnorm(heads.create_model("lraspp_mbv3_small_reduced"))
+    x = torch.randn(2, 3, 96, 128)
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x))
 
 
 def test_onnx_export_matches_pytorch(tmp_path):
