@@ -11,6 +11,10 @@ class ArgumentError(ValueError):
     or arguments that do not go together."""
 
 
+class UnknownArgument(ArgumentError, TypeError):
+    """A keyword argument a function does not take: a ``TypeError``, as Python's own, and an ``ArgumentError``."""
+
+
 def did_you_mean(value, choices: Iterable) -> str:
     """`` Did you mean 'x'?`` for the choice closest to ``value``, or an empty string."""
     close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1)

@@ -11,7 +11,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .architectures import ARCHS, resolve
-from .choices import check_choice
+from .choices import ArgumentError, check_choice
 from .layers import ConvNormAct, DepthwiseSeparable, InvertedResidual, PointwiseLinear
 
 OUTPUT_STRIDES = (8, 16, 32)
@@ -69,10 +69,10 @@ class MobileNet(nn.Module):
         check_choice("feature_location", feature_location, (*FEATURE_LOCATIONS, *TIMM_FEATURE_LOCATIONS))
         feature_location = TIMM_FEATURE_LOCATIONS.get(feature_location, feature_location)
         if width <= 0:
-            raise ValueError(f"width={width!r} must be positive")
+            raise ArgumentError(f"width={width!r} must be positive")
         spec = ARCHS[arch]
         if spec.family == "v1" and drop_path_rate:
-            raise ValueError(f"drop_path_rate={drop_path_rate!r} has no effect on MobileNetV1: its blocks have no "
+            raise ArgumentError(f"drop_path_rate={drop_path_rate!r} has no effect on MobileNetV1: its blocks have no "
                              "residual branch to drop; leave it at 0 (drop_rate is the classifier's dropout)")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -186,7 +186,7 @@ class MobileNet(nn.Module):
         strides = ", ".join(str(f["reduction"]) for f in self.feature_info[:count])
         valid = f"valid indices are 0..{count - 1} (C1..C{count}, strides {strides}); an int n selects the last n"
         if indices is not None and not isinstance(indices, int) and len(indices) == 0:
-            raise ValueError(f"{name}={indices!r} selects no feature map: {valid}")
+            raise ArgumentError(f"{name}={indices!r} selects no feature map: {valid}")
         wanted = [indices] if isinstance(indices, int) else list(indices if indices is not None else range(count))
         if isinstance(indices, int) and not 0 < indices <= count or any(not -count <= i < count for i in wanted):
             raise AssertionError(f"{name}={indices!r} is out of range: {valid}")

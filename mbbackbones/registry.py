@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 
 from .checkpoint import CheckpointError, WeightsUnavailable, convert, read_checkpoint
-from .choices import ArgumentError, did_you_mean
+from .choices import ArgumentError, UnknownArgument, did_you_mean
 from .model import MobileNet
 
 TORCHVISION = "https://download.pytorch.org/models/"
@@ -114,11 +114,12 @@ _VALID_ARGS = sorted((set(inspect.signature(MobileNet).parameters) | _BUILDER_AR
 def _build(entry: Entry, pretrained: bool = False, **kwargs) -> MobileNet:
     unknown = sorted(set(kwargs) - set(_VALID_ARGS))
     if unknown:
-        raise TypeError(f"{entry.name}: unknown argument(s) {', '.join(unknown)}; valid: {', '.join(_VALID_ARGS)}")
+        raise UnknownArgument(f"{entry.name}: unknown argument(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(_VALID_ARGS)}")
     for timm_name, name in TIMM_SPELLINGS.items():
         if timm_name in kwargs:
             if name in kwargs:
-                raise TypeError(f"{entry.name}: {timm_name} is timm's spelling of {name}; pass only {name}")
+                raise UnknownArgument(f"{entry.name}: {timm_name} is timm's spelling of {name}; pass only {name}")
             kwargs[name] = kwargs.pop(timm_name)
     file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     if pretrained and file and not os.path.isfile(file):

@@ -15,6 +15,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import batched_nms, box_iou
 
 from mbbackbones.checkpoint import CheckpointError, convert
+from mbbackbones.choices import ArgumentError
 from mbbackbones.layers import ConvNormAct
 
 from ..backbone import Normalize, create_backbone
@@ -72,7 +73,7 @@ class SSDLite(nn.Module):
                  norm_eps: float = 1e-3, norm_momentum: float = 0.03, **backbone_kwargs):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes} must count the background too (at least 2)")
+            raise ArgumentError(f"num_classes={num_classes} must count the background too (at least 2)")
         norm = partial(nn.BatchNorm2d, eps=norm_eps, momentum=norm_momentum)
         self.backbone = create_backbone(backbone, pretrained_backbone, feature_location="expansion",
                                         out_indices=(3, 4), norm_eps=norm_eps, norm_momentum=norm_momentum,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbbackbones.checkpoint import CheckpointError, convert
-from mbbackbones.choices import check_choice
+from mbbackbones.choices import ArgumentError, check_choice
 from mbbackbones.layers import ConvNormAct
 
 from ..backbone import Normalize, create_backbone
@@ -103,7 +103,7 @@ class LRASPP(nn.Module):
         pool_sizes = {name: value for name, value in (("kernel_size", pool_kernel), ("stride", pool_stride))
                       if value is not None}
         if pooling == "global" and pool_sizes:
-            raise ValueError("pool_kernel and pool_stride size the pooling='large_kernel' pool; with "
+            raise ArgumentError("pool_kernel and pool_stride size the pooling='large_kernel' pool; with "
                              "pooling='global' they have no effect: drop them or set pooling='large_kernel'")
         self.backbone = create_backbone(backbone, pretrained_backbone, output_stride=output_stride,
                                         feature_location="downsample", out_indices=(2, 4), **backbone_kwargs)
