@@ -1,0 +1,206 @@
+"""Runs from Python and the command line: their folders are never overwritten, failed starts touch nothing, best.pt
+and TensorBoard logs, and every bad input is one line that names it."""
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import heads
+from heads.cli import train_main
+from heads.training.config import ConfigError, load_config
+from heads.training.run import RunError, claim, lock_for_resume
+
+TINY = dict(model="ssdlite320_mbv3_small_reduced", model_kwargs={"size": 160}, batch_size=2, workers=0,
+            optimizer="adam", lr=1e-3, lr_batch=2, warmup_steps=0, epochs=1, max_steps=3, eval_limit=3,
+            log_every=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return heads.train(dict(TINY, output=str(tmp_path_factory.mktemp("runs") / "tiny")))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """The run's files (not its lock) and their hashes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_train_returns_the_run_with_its_best_checkpoint(run, capsys):
+    assert run.steps == 3 and set(run.metrics) >= {"AP", "AP50"} and run.best == run.folder / "best.pt"
+    model = heads.create_model("ssdlite320_mbv3_small_reduced", pretrained=run.best)
+    assert model.meta["categories"][1:] == ["circle", "square", "triangle", "cross", "star"]
+    assert model.meta["dataset_ids"] == [None, 3, 7, 12, 20, 41] and model.meta["model_kwargs"] == {"size": 160}
+    assert set(model.meta) == set(heads.create_model("ssdlite320_mbv3_large_reduced").meta)  # published files' too
+    assert model.meta["metrics"] == {"builtin/val2017": run.metrics}
+    predicted = heads.Predictor(run.folder)(heads.SAMPLE_IMAGES["3dogs"])[0]
+    assert predicted.categories == model.meta["categories"] and predicted.boxes.shape[1] == 4
+
+
+def test_a_second_run_into_the_same_folder_leaves_the_first_untouched(run, capsys):
+    before = digests(run.folder)
+    second = heads.train(dict(TINY, max_steps=1, output=str(run.folder)))
+    assert second.folder == run.folder.with_name("tiny-2") and digests(run.folder) == before
+    assert f"{run.folder} holds another run: this run writes {second.folder}" in capsys.readouterr().out
+
+
+def _claim(output: str, folders) -> None:
+    folder, lock = claim(Path(output))
+    folders.append(str(folder))
+    lock.held = False  # keep the lock file after this process exits, as a running run would
+
+
+def test_two_processes_starting_at_once_take_different_folders(tmp_path):
+    with mp.Manager() as manager:
+        folders = manager.list()
+        processes = [mp.get_context("spawn").Process(target=_claim, args=(str(tmp_path / "x"), folders))
+                     for _ in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        assert sorted(folders) == [str(tmp_path / "x"), str(tmp_path / "x-2")]
+
+
+def test_a_lock_is_respected_while_its_process_lives_and_taken_over_after_a_crash(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / ".lock").write_text(f"{sleeper.pid} {os.uname().nodename}\n")
+        folder, lock = claim(tmp_path / "busy")
+        assert folder == tmp_path / "busy-2"
+        lock.release()
+        with pytest.raises(RunError, match=f"busy is in use by {sleeper.pid}"):
+            lock_for_resume(tmp_path / "busy")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    folder, lock = claim(tmp_path / "busy")  # its process is gone: the lock is stale
+    assert folder == tmp_path / "busy" and (folder / ".lock").read_text().startswith(str(os.getpid()))
+    lock.release()
+    assert not (folder / ".lock").exists()
+
+
+def test_tensorboard_event_files_are_readable(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run.folder), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "val/AP", "val/AP50"} <= set(tags["scalars"])
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]
+    assert events.Scalars("val/AP")[-1].value == pytest.approx(run.metrics["AP"])
+    assert "val/predictions" in tags["images"]
+
+
+def test_a_failed_start_touches_no_run(run, tmp_path):
+    before = digests(run.folder)
+    with pytest.raises(heads.DataError, match="COCO path not found"):
+        heads.train(dict(TINY, dataset="coco", data_root=str(tmp_path / "nowhere"), output=str(run.folder)))
+    with pytest.raises(ValueError, match="steps per epoch"):
+        heads.train(dict(TINY, batch_size=4, output=str(run.folder)), resume=run.folder)
+    assert digests(run.folder) == before and not run.folder.with_name("tiny-3").exists()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(run, monkeypatch, tmp_path):
+    from heads.training.engine import Trainer
+    from heads.training.tasks import get_task
+
+    trainer = Trainer(load_config(None, dict(TINY, output=str(tmp_path / "full")), task="detection"),
+                      get_task("detection"))
+    trainer.save()
+    before = digests(trainer.output)
+
+    def no_space(obj, file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(RunError) as error:
+        trainer.save()
+    assert str(error.value) == (f"could not write {trainer.output / 'last.pt'} (disk full): No space left on device; "
+                                "the previous last.pt is intact")
+    trainer.close()
+    assert digests(trainer.output) == before and not list(trainer.output.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--epochs", "0"], "command line: epochs must be >= 1, got 0"),
+    (["--batch_size", "0"], "command line: batch_size must be >= 1, got 0"),
+    (["--checkpoint_every", "0"], "command line: checkpoint_every must be >= 1, got 0"),
+    (["--lr", "-0.1"], "command line: lr must be > 0, got -0.1"),
+    (["--epochs", "one"], "command line: epochs must be an integer, got 'one'"),
+    (["--lr"], "command line: --lr needs a value"),
+    (["--optimizer", "adamm"], "command line: optimizer must be one of sgd, adam, adamw, got 'adamm'. Did you mean "
+                               "'adam'?"),
+    (["--device", "gpu"], "command line: device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    (["--crop_size", "[0, 512]"], "command line: crop_size must be two positive integers [height, width]"),
+])
+def test_config_values_are_checked_where_they_come_from(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_file_values_are_blamed_on_the_file_and_dashes_survive(tmp_path):
+    (tmp_path / "run.yaml").write_text("epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: epochs must be >= 1, got 0"):
+        load_config(tmp_path / "run.yaml")
+    cfg = load_config(None, ["--data-root=/data/my-coco", "--amp", "--output", "runs/a-b"])
+    assert (cfg.data_root, cfg.amp, cfg.output) == ("/data/my-coco", True, "runs/a-b")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_kwargs", "{num_classes: 3}"], "model_kwargs: num_classes comes from the dataset; remove it"),
+    (["--model", "lraspp_mbv3_large"], "model lraspp_mbv3_large is a segmentation model, not a detection one: "
+                                       "train it with tools/train_seg.py"),
+    (["--data_root", "/data/coco"], "data_root is /data/coco but dataset is builtin"),
+    (["--device", "cuda"], "device: cuda, but this machine has no usable CUDA GPU"),
+    (["--batch_size", "100000"], "fewer than one global batch of 100000"),
+    (["--model_kwargs", "{pooling: max}"], "unknown argument(s) pooling"),
+])
+def test_training_mistakes_are_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*argv, "--output", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1, error
+    assert message in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    from heads.training import tasks
+
+    def broken(model, batch, device):
+        raise ValueError("a bug deep in training")
+
+    monkeypatch.setattr(tasks.DetectionTask, "losses", staticmethod(broken))
+    with pytest.raises(ValueError, match="a bug deep in training"):  # not SystemExit(2) with "error: ..."
+        train_main(["--max_steps", "1", "--batch_size", "2", "--workers", "0", "--output", str(tmp_path / "run")])
+
+
+def test_help_lists_every_config_key(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    for key in ("--epochs", "--crop_size", "--train_annotations", "--tensorboard"):
+        assert key in text
+    assert "passes over the training set (default: 660)" in text
+
+
+def test_the_last_progress_bar_ends_full(tmp_path, capsys):
+    heads.train(dict(TINY, max_steps=3, output=str(tmp_path / "run")))
+    last = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("epoch")][-1]
+    assert "100%" in last and "3/3" in last
