@@ -127,16 +127,17 @@ class SSDLite(nn.Module):
         return {"boxes": boxes * scale.repeat(2), "labels": target["labels"]}
 
     def predict(self, batch: Tensor) -> Dict[str, Tensor]:
-        """Raw head outputs for images in [0, 1] at the model size: box deltas [B, A, 4], logits [B, A, C]."""
-        x = self.normalize(batch)
-        features = self.backbone(x)
+        """Raw head outputs for images at the model size, in [0, 1] (or uint8): box deltas [B, A, 4], logits
+        [B, A, C], and the default boxes [A, 4] (float32, as the normalised images)."""
+        images = self.normalize(batch)
+        features = self.backbone(images)
         assert isinstance(features, list)  # narrows timm's Union return type for TorchScript
         x = features[-1]
         for block in self.extra:
             x = block(x)
             features.append(x)
         out = self.head(features)
-        out["anchors"] = self.anchors(batch.shape[-2:], [f.shape[-2:] for f in features], batch)
+        out["anchors"] = self.anchors(batch.shape[-2:], [f.shape[-2:] for f in features], images)
         return out
 
     def anchors(self, image_size: List[int], grid_sizes: List[List[int]], like: Tensor) -> Tensor:
