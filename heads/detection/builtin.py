@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
+from tqdm import tqdm
 
 from ..data import DataError, default_data_root
 from ..files import write_once
@@ -92,7 +93,7 @@ def _write_split(image_dir: Path, rng: np.random.Generator, count: int, size_ran
     empty, crowd = set(order[:num_empty]), set(order[num_empty:num_empty + num_crowd])
     gray = set(rng.choice(count, size=min(count, max(1, round(GRAY_FRACTION * count))), replace=False))
     images, annotations = [], []
-    for index in range(count):
+    for index in tqdm(range(count), desc=f"writing the built-in COCO-format {image_dir.name}", unit="image"):
         image_id = first_id + index
         width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
         num_objects = 0 if index in empty else int(rng.integers(1, 5))

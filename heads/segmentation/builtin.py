@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from cityscapesscripts.helpers.labels import name2label
 from PIL import Image
+from tqdm import tqdm
 
 from ..data import DataError, default_data_root
 from ..files import write_once
@@ -98,7 +99,7 @@ def _write_builtin(root: Path, counts: dict[str, int], size: tuple[int, int], se
     sample = 0
     for split, count in counts.items():
         cities = BUILTIN_CITIES[split]
-        for frame in range(count):
+        for frame in tqdm(range(count), desc=f"writing the built-in Cityscapes-layout {split}", unit="image"):
             city = cities[frame % len(cities)]
             stem = f"{city}_000000_{frame:06d}"
             image, ids = _street_scene(np.random.default_rng([seed, sample]), *size)
