@@ -272,7 +272,7 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    graph, example = DeployGraph(fold_batchnorm(model)), _example(model, size).cpu()
+    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
     if calibration is not None:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -291,7 +291,7 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
 def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
     """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer."""
     litert_torch = require("litert_torch", "tflite")
-    graph, example = DeployGraph(fold_batchnorm(model)), _example(model, size).cpu()
+    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
     options = {}
     if calibration is not None:
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config

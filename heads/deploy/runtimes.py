@@ -39,7 +39,8 @@ from .export import (
     require,
 )
 
-__all__ = ["EXTRAS", "FORMATS", "Runtime", "export", "load", "read_metadata", "write_metadata", "check"]
+__all__ = ["EXTRAS", "FORMATS", "Runtime", "check", "export", "exported_files", "load", "read_metadata",
+           "write_metadata"]
 
 METADATA_KEY = "mbbackbones"
 STATIC = ("executorch", "tflite")  # graphs of one image at the export size; a batch runs image by image
@@ -54,7 +55,7 @@ def format_of(path: str | Path) -> str:
     raise ValueError(f"cannot tell the format of {path}: its suffix is none of {', '.join(FORMATS.values())}")
 
 
-def _companions(path: Path) -> list[Path]:
+def exported_files(path: Path) -> list[Path]:
     """The files an export writes: ``path`` and what goes with it (OpenVINO's weights, a metadata sidecar)."""
     format = format_of(path)
     if format == "openvino":
@@ -106,7 +107,7 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
         format = format_of(path)
     check_choice("format", format, FORMATS)
     if path.suffix.lower() != FORMATS[format]:
-        raise ValueError(f"{path}: a {format} file takes the suffix {FORMATS[format]}")
+        raise ValueError(f"{path}: {format} files end in {FORMATS[format]}")
     if int8 and calibration is None:
         raise ValueError("int8 export needs calibration images (the task's own validation images)")
     model = network(model)
@@ -115,13 +116,13 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     if calibration is not None and not calibration:
         raise ValueError("int8 export needs at least one calibration image")
     if path.is_dir():
-        raise IsADirectoryError(f"cannot export to {path}: it is a folder; name the {FORMATS[format]} file")
+        raise ValueError(f"cannot export to {path}: it is a folder; name the {FORMATS[format]} file")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         WRITERS[format](model, staged, size, calibration, **options)
         write_metadata(staged, describe_export(model, format, int8, size))
-        for file in _companions(staged):
+        for file in exported_files(staged):
             os.replace(file, path.parent / file.name)
     return path
 
@@ -147,7 +148,7 @@ def write_metadata(path: str | Path, metadata: dict) -> None:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the weights are read from the file in place
             ov.save_model(ir, str(Path(tmp) / path.name), compress_to_fp16=False)
             del ir
-            for file in _companions(Path(tmp) / path.name):
+            for file in exported_files(Path(tmp) / path.name):
                 shutil.move(file, path.parent / file.name)
     else:
         _sidecar(path).write_text(text)
