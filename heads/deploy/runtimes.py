@@ -235,13 +235,14 @@ class Runtime:
 class OnnxRuntime(Runtime):
     """ONNX Runtime. ``providers``: execution providers in order of preference (default: TensorRT and CUDA where
     installed, then the CPU); ``optimization``: graph optimisation level ('disable', 'basic', 'extended', 'all');
-    ``spinning``: idle intra-op threads spin (lower latency, but a busy CPU for others)."""
+    ``spinning``: idle intra-op threads spin (lower latency, but a busy CPU for others); ``profile``: record each
+    node's time (``session.end_profiling()`` writes the trace in the temporary folder and returns its path)."""
 
     format = "onnx"
     LEVELS = ("disable", "basic", "extended", "all")
 
     def __init__(self, path, threads=None, providers: Sequence[str] | None = None, optimization: str = "all",
-                 spinning: bool = False):
+                 spinning: bool = False, profile: bool = False):
         super().__init__(path, threads)
         ort = require("onnxruntime", self.format)
         check_choice("optimization", optimization, self.LEVELS)
@@ -253,6 +254,9 @@ class OnnxRuntime(Runtime):
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
         if threads:
             options.intra_op_num_threads = threads
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-profile-{self.path.stem}")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
