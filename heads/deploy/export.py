@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -258,11 +259,18 @@ def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibrat
         ir = ov.convert_model(str(export_onnx(model, Path(tmp) / "model.onnx", size)))
     if calibration is not None:
         nncf = require("nncf", "openvino")
+        from nncf.common.logging.logger import nncf_logger
+
         nodes = {op.get_friendly_name(): (op.get_type_name() in ("Convolution", "GroupConvolution"),
                                           [value.get_node().get_friendly_name() for value in op.input_values()])
                  for op in ir.get_ordered_ops()}
-        ir = nncf.quantize(ir, nncf.Dataset(list(calibration)), subset_size=len(calibration),
-                           ignored_scope=nncf.IgnoredScope(names=after_last_convolutions(nodes), validate=False))
+        level = nncf_logger.level
+        nncf.set_log_level(logging.WARNING)  # not a line per operator
+        try:
+            ir = nncf.quantize(ir, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                               ignored_scope=nncf.IgnoredScope(names=after_last_convolutions(nodes), validate=False))
+        finally:
+            nncf.set_log_level(level)
     ov.save_model(ir, str(path), compress_to_fp16=False)
 
 
