@@ -247,8 +247,10 @@ class OnnxRuntime(Runtime):
         ort = require("onnxruntime", self.format)
         check_choice("optimization", optimization, self.LEVELS)
         options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{optimization.upper()}",
-                                                   ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        levels = ort.GraphOptimizationLevel
+        options.graph_optimization_level = dict(zip(self.LEVELS, (levels.ORT_DISABLE_ALL, levels.ORT_ENABLE_BASIC,
+                                                                  levels.ORT_ENABLE_EXTENDED, levels.ORT_ENABLE_ALL))
+                                                )[optimization]
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
