@@ -49,11 +49,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from mbbackbones.checkpoint import CheckpointError, WeightsUnavailable
 
     from .data import DataError
+    from .deploy.export import MissingExtra
     from .training.config import ConfigError
     from .training.run import RunError
 
-    return (ArgumentError, ConfigError, DataError, CheckpointError, WeightsUnavailable, RunError, FileNotFoundError,
-            FloatingPointError)
+    return (ArgumentError, ConfigError, DataError, CheckpointError, WeightsUnavailable, RunError, MissingExtra,
+            FileNotFoundError, FloatingPointError)
 
 
 def _user_errors_exit(parser: argparse.ArgumentParser, body: Callable):
@@ -262,23 +263,46 @@ def _infer(args) -> list:
 # -- export -----------------------------------------------------------------------------------------------------
 
 def export_main(argv: list[str] | None = None) -> list[Path]:
-    """Export to ONNX (and INT8 with --int8), print the largest difference to PyTorch; returns the files written."""
-    from .deploy import export  # onnx and onnxruntime are needed for this tool only
+    """Export to ONNX, OpenVINO, ExecuTorch or LiteRT (INT8 with --int8) and check the file against PyTorch: each
+    comparison with its tolerance and PASS/FAIL (exit status 1 on a FAIL); returns the files written."""
+    from .deploy.export import FORMATS, OPSET
 
-    parser, source = _parser("Export a detector, segmenter or features_only backbone to ONNX (BatchNorm folded, "
-                             "dynamic batch), check it with ONNX Runtime, optionally quantize it to INT8.")
+    parser, source = _parser("Export a detector, segmenter or features_only backbone for a deployment runtime "
+                             "(BatchNorm folded, images in [0, 1] in, metadata inside), optionally as INT8, and "
+                             "check it against PyTorch.")
     source.add_argument("--backbone", help="a registered backbone to export as a features_only network")
     parser.add_argument("--backbone-weights", help="with --backbone: a local weights file")
-    parser.add_argument("--out", type=Path, required=True, help="the .onnx file (INT8: <stem>.int8.onnx beside it)")
+    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: the model's)")
+    parser.add_argument("--format", choices=FORMATS, help="runtime format (default: from the --out suffix: "
+                        + ", ".join(f"{suffix} {name}" for name, suffix in FORMATS.items()) + ")")
+    parser.add_argument("--out", type=Path, required=True, help="the file to write")
     parser.add_argument("--size", type=int, nargs="+", metavar="PX",
                         help="export size, S or H W (default: detection its own, segmentation 512 1024, backbone 224)")
-    parser.add_argument("--opset", type=int, default=export.OPSET, help=f"ONNX opset ({export.OPSET} or newer)")
-    parser.add_argument("--int8", action="store_true", help="also write a static INT8 (QDQ) model")
-    parser.add_argument("--calibration", default="builtin",
-                        help="'builtin' (the task's built-in training images) or a folder of images; "
-                             "INT8 calibration and the check against PyTorch")
+    parser.add_argument("--opset", type=int, help=f"ONNX opset (default and minimum {OPSET})")
+    parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
+    parser.add_argument("--calibration", help="INT8 calibration and check images: a folder of images, or "
+                        "'builtin' (the built-in set's validation images); default: the run's validation images "
+                        "(from its config) for --int8, the package's sample photos for the fp32 check")
     parser.add_argument("--calibration-images", type=int, default=32, help="how many calibration images")
     return _run(parser, argv, _export)
+
+
+def _check_images(args, kind: str, config) -> list[Path]:
+    """Images to calibrate INT8 on and to check the export with (see ``--calibration``)."""
+    from .assets import SAMPLE_IMAGES
+    from .deploy import export
+
+    if args.calibration == "builtin":
+        return export.builtin_images(kind, "val")
+    if args.calibration is not None:
+        return list_images(Path(args.calibration))
+    if config is not None and args.int8:
+        return export.validation_images(config.task, config.dataset, config.data_root, config.val_split)
+    if args.int8:
+        raise ArgumentError(f"--int8 needs calibration images and {args.weights or args.backbone} has no run config "
+                         "naming its validation images: pass --calibration FOLDER (the task's own validation "
+                         "images) or --calibration builtin")
+    return list(SAMPLE_IMAGES.values())  # fp32: the check only; nothing is generated or written
 
 
 def _export(args) -> list[Path]:
@@ -287,27 +311,36 @@ def _export(args) -> list[Path]:
 
     from .backbone import create_backbone
     from .data import read_image
-    from .deploy import export
-    from .deploy.predictor import list_images, load_model, resolve_device
+    from .deploy import export, runtimes
+    from .deploy.predictor import load_model, resolve_device
 
     if args.size is not None and len(args.size) > 2:
         raise ArgumentError(f"--size takes S or H W, got {len(args.size)} numbers")
     if args.calibration_images < 1:
         raise ArgumentError(f"--calibration-images {args.calibration_images}: at least one image is needed")
+    format = args.format or runtimes.format_of(args.out)
     device = resolve_device(args.device)
     if args.backbone:
-        model = create_backbone(args.backbone, args.backbone_weights).eval().to(device)
+        model, config = create_backbone(args.backbone, args.backbone_weights).eval().to(device), None
     else:
-        model = load_model(args.weights, args.model, device=device).model
+        loaded = load_model(args.weights, args.model, num_classes=args.num_classes, device=device)
+        model, config = loaded.model, loaded.config
     size = export.export_size(model, None if args.size is None else (args.size * 2)[:2])  # S -> S S
-    paths = export.builtin_images(export.model_kind(model)) if args.calibration == "builtin" else list_images(
-        Path(args.calibration))
-    batches = [export.model_input(model, read_image(path), size) for path in paths[:args.calibration_images]]
-    written = [export.export_onnx(model, args.out, size, opset=args.opset)]
-    if args.int8:
-        written.append(export.quantize_int8(written[0], args.out.with_suffix(".int8.onnx"), batches))
-    check = torch.from_numpy(np.concatenate(batches[:2]))  # two images: the batch axis is dynamic
-    for path in written:
-        differences = export.compare_outputs(model, export.OnnxModel(path), check)
-        print(f"{path}: max |ONNX Runtime - PyTorch| " + ", ".join(f"{k} {v:.2g}" for k, v in differences.items()))
-    return written
+    paths = _check_images(args, export.model_kind(model), config)[:args.calibration_images]
+    batches = [export.model_input(model, read_image(path), size) for path in paths]
+    options = {} if args.opset is None else {"opset": args.opset}
+    try:
+        path = runtimes.export(model, args.out, format, int8=args.int8, calibration=batches if args.int8 else None,
+                               size=size, **options)
+        runtime = runtimes.load(path)
+    except OSError as error:  # the --out path: a folder, a file where a folder should be, no permission
+        where = f" ({error.filename})" if error.filename else ""
+        raise ArgumentError(f"cannot write {args.out}: {error.strerror or error}{where}") from None
+    precision = "INT8" if args.int8 else "fp32"
+    source = f", calibrated on {len(batches)} images from {paths[0].parent}" if args.int8 else ""
+    print(f"wrote {path} ({format}, {precision}{source})")
+    checks = runtimes.check(model, runtime, torch.from_numpy(np.concatenate(batches[:2])))
+    print(f"check against PyTorch on {min(2, len(batches))} images: " + "; ".join(map(str, checks)))
+    if not all(check.passed for check in checks):
+        raise SystemExit(f"error: {path} differs from PyTorch beyond the tolerance (kept for inspection)")
+    return runtimes.exported_files(path)

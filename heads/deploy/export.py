@@ -1,42 +1,65 @@
-"""Deployment: BatchNorm folding, ONNX export, ONNX Runtime sessions and static INT8 quantization.
+"""Deployment graphs and the files they become: ONNX, OpenVINO IR, ExecuTorch (XNNPACK) and LiteRT, fp32 or INT8.
 
-What each kind of model becomes (input ``images`` [B, 3, H, W], the batch always dynamic):
+Every exported graph is :class:`DeployGraph`: images float32 [B, 3, H, W] in [0, 1] (normalisation inside) ->
 
-- detection (SSDLite): images in [0, 1] at ``size`` x ``size`` -> ``boxes`` [B, A, 4] (decoded, xyxy input pixels)
-  and ``scores`` [B, A, C] (class probabilities), as ``SSDLite.forward_batch``. Per-class top-k and NMS are the
-  post-step ``SSDLite.select(boxes[i], scores[i], original_size)`` on the ONNX Runtime outputs.
-- segmentation (LR-ASPP): normalised images -> ``logits`` [B, C, H, W]; H and W are dynamic with global
-  pooling and fixed at the export size with ``pooling="large_kernel"`` (its kernel depends on the size).
-- backbone (a ``features_only`` model): normalised images -> ``features0``, ``features1``, ...; H, W dynamic.
-- classifier (a registered backbone with its head): normalised images -> ``logits`` [B, classes].
+- detection (SSDLite): ``boxes`` [B, A, 4] (decoded, xyxy input pixels) and ``scores`` [B, A, C] (probabilities),
+  as ``SSDLite.forward_batch``; per-class top-k and NMS (``select_detections``) run on these outputs;
+- segmentation (LR-ASPP): ``logits`` [B, C, H, W] at the input size;
+- classifier (a registered backbone with its head): ``logits`` [B, classes];
+- backbone (a ``features_only`` network): ``features0``, ``features1``, ...
 
-"Normalised" means with the statistics the model carries (:func:`normalizer`).
+BatchNorm is folded into the convs first. ONNX and OpenVINO keep the batch dynamic (and H, W where
+:func:`dynamic_size` allows); ExecuTorch and LiteRT graphs take one image of the export size.
+
+INT8 (post-training, static, calibrated on images as the graph takes them) quantizes every layer up to the last
+convolutions; what follows them (box decoding, softmax, the final resize and sum) stays in float, which keeps
+boxes and logits at full precision for little time. Each runtime gets the scheme its CPU kernels run in integer:
+ONNX Runtime QDQ (per-channel int8 weights, uint8 activations), OpenVINO NNCF (its CPU plugin fuses
+hard-swish and SE into the int8 convolutions), the XNNPACK quantizer for ExecuTorch and LiteRT's PT2E quantizer.
+
+The Python packages of a runtime are an optional extra, imported only when that runtime is used (:func:`require`).
 """
 from __future__ import annotations
 
 import copy
+import importlib
+import logging
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-import onnx
-import onnxruntime
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mbbackbones import MobileNet
+from mbbackbones.choices import ArgumentError
 
 from ..backbone import Normalize
 from ..segmentation.lraspp import LargeKernelAvgPool
 
 OPSET = 17
 DEFAULT_SIZES = {"detection": None, "segmentation": (512, 1024), "backbone": (224, 224), "classifier": (224, 224)}
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "tflite": ".tflite"}  # name -> file suffix
+EXTRAS = {"onnx": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "litert"}  # pip extras
+
+
+class MissingExtra(ImportError):
+    """A runtime whose package is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, format: str) -> ModuleType:
+    """Import ``module``, a package of the ``format`` runtime; missing, a one-line :class:`MissingExtra`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0].replace("_", "-")
+        raise MissingExtra(f"the {format} runtime needs the package {package!r}: "
+                           f"pip install 'mbbackbones[{EXTRAS[format]}]'") from None
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -60,8 +83,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _network(model) -> nn.Module:
-    """The network in eval mode, of a module or of a ``heads.predictors.LoadedModel``."""
+def network(model) -> nn.Module:
+    """The network in eval mode, of a module or of a ``LoadedModel`` (``.model``)."""
     return (model if isinstance(model, nn.Module) else model.model).eval()
 
 
@@ -91,21 +114,8 @@ def export_size(model: nn.Module, size: int | Sequence[int] | None = None) -> tu
         size = DEFAULT_SIZES[model_kind(model)] or model.size
     height, width = (size, size) if isinstance(size, int) else size
     if model_kind(model) == "detection" and (height, width) != (model.size, model.size):
-        raise ValueError(f"SSDLite exports at its own size {model.size}x{model.size}, not {height}x{width}")
+        raise ArgumentError(f"SSDLite exports at its own size {model.size}x{model.size}, not {height}x{width}")
     return int(height), int(width)
-
-
-class _ExportGraph(nn.Module):
-    """The tensor path that is exported: ``forward_batch`` for SSDLite, ``forward`` otherwise."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor):
-        if model_kind(self.model) == "detection":
-            return self.model.forward_batch(images)
-        return self.model(images)
 
 
 def output_names(model: nn.Module) -> list[str]:
@@ -117,96 +127,72 @@ def output_names(model: nn.Module) -> list[str]:
     return [f"features{i}" for i in range(len(model.feature_info.channels()))]
 
 
+class DeployGraph(nn.Module):
+    """What is exported: images in [0, 1] -> ``forward_batch`` for SSDLite (which normalises), else the network on
+    its normalised input (:func:`normalizer`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.detection = model_kind(model) == "detection"
+        self.normalize = None if self.detection else normalizer(model)
+
+    def forward(self, images: Tensor):
+        if self.detection:
+            return self.model.forward_batch(images)
+        return self.model(self.normalize(images))
+
+
+def _example(model: nn.Module, size: tuple[int, int]) -> Tensor:
+    return torch.rand(1, 3, *size, device=next(model.parameters()).device)
+
+
 def export_onnx(model: nn.Module, path: str | Path, size: int | Sequence[int] | None = None,
                 opset: int = OPSET) -> Path:
-    """Export a detector, segmenter or ``features_only`` backbone (or a ``LoadedModel``) to ONNX; returns ``path``.
-
-    BatchNorm is folded into the convs, then the model is traced on one image of ``size`` (see :func:`export_size`)
-    with the batch dynamic, and H, W too where :func:`dynamic_size` allows.
-    """
-    model = _network(model)
+    """Export the :class:`DeployGraph` of a detector, segmenter, classifier or backbone (or a ``LoadedModel``) to
+    ONNX, BatchNorm folded, traced on one image of ``size`` (:func:`export_size`) with the batch dynamic, and H, W
+    too where :func:`dynamic_size` allows; returns ``path``."""
+    model = network(model)
     if opset < OPSET:
-        raise ValueError(f"opset {opset} is too old: export needs {OPSET} or newer")
-    height, width = export_size(model, size)
-    graph = _ExportGraph(fold_batchnorm(model))
+        raise ArgumentError(f"opset {opset} is too old: export needs {OPSET} or newer")
+    require("onnx", "onnx")  # torch.onnx.export needs it
+    size = export_size(model, size)
     names = output_names(model)
-    spatial = dynamic_size(model)
-    dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}}
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size(model) else {0: "batch"}
+    dynamic_axes = {"images": axes}
     for name in names:
-        dynamic_axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} if spatial else {0: "batch"}
+        dynamic_axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} if len(axes) > 1 else {0: "batch"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.rand(1, 3, height, width, device=next(model.parameters()).device)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic that is constant by construction
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(DeployGraph(fold_batchnorm(model)), (_example(model, size),), str(path), dynamo=False,
+                          opset_version=opset, input_names=["images"], output_names=names, dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
     return path
 
 
-class OnnxModel:
-    """An ONNX Runtime CPU session; ``onnx_model(batch)`` maps a torch batch to torch outputs like the exported model.
+# -- INT8 -------------------------------------------------------------------------------------------------------
 
-    Args:
-        path: the .onnx file.
-        threads: intra-op threads (default: ONNX Runtime's choice, one per core); inter-op is sequential.
-    """
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads yield the CPU
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.input_shape = self.session.get_inputs()[0].shape  # ints where fixed, names where dynamic
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for a float32 [B, 3, H, W] array."""
-        fixed = [(axis, want) for axis, want in enumerate(self.input_shape) if isinstance(want, int)]
-        if batch.ndim != 4 or any(batch.shape[axis] != want for axis, want in fixed):
-            expected = "x".join(str(want) if isinstance(want, int) else want for want in self.input_shape)
-            raise ValueError(f"{self.path.name} takes {expected} images, got {'x'.join(map(str, batch.shape))}")
-        return self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-
-    def __call__(self, batch: Tensor) -> Tensor | tuple[Tensor, ...]:
-        outputs = tuple(torch.from_numpy(out).to(batch.device) for out in self.run(batch.detach().cpu().numpy()))
-        return outputs[0] if len(outputs) == 1 else outputs
+def after_last_convolutions(nodes: Mapping[str, tuple[bool, Sequence[str]]]) -> list[str]:
+    """Names of the nodes with no path to a convolution: ``nodes`` maps each node's name to (is a convolution,
+    the names of the nodes its inputs come from). These are the float tail of an INT8 graph."""
+    feeding, stack = set(), [name for name, (convolution, _) in nodes.items() if convolution]
+    while stack:
+        name = stack.pop()
+        if name not in feeding:
+            feeding.add(name)
+            stack += [source for source in nodes[name][1] if source in nodes]
+    return [name for name in nodes if name not in feeding]
 
 
-def model_input(model: nn.Module, image: np.ndarray, size: int | Sequence[int] | None = None) -> np.ndarray:
-    """One RGB uint8 H x W x 3 image as the exported graph takes it: [1, 3, H, W] float32 at the export size,
-    in [0, 1] for detection, normalised (:func:`normalizer`) otherwise."""
-    height, width = export_size(model, size)
-    x = torch.tensor(image).permute(2, 0, 1)[None].float().div(255)
-    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-    if model_kind(model) != "detection":
-        normalize = normalizer(model)
-        x = normalize(x.to(normalize.mean.device)).cpu()
-    return x.numpy()
+def _onnx_nodes(graph_model) -> dict[str, tuple[bool, list[str]]]:
+    producers = {output: node.name for node in graph_model.graph.node for output in node.output}
+    return {node.name: (node.op_type == "Conv", [producers[i] for i in node.input if i in producers])
+            for node in graph_model.graph.node}
 
 
-def builtin_images(kind: str) -> list[Path]:
-    """Training images of the built-in dataset of a kind: street scenes for segmentation, shapes otherwise."""
-    if kind == "segmentation":
-        from ..segmentation.builtin import builtin_cityscapes
-        from ..segmentation.cityscapes import Cityscapes
-
-        return [image for image, _ in Cityscapes(builtin_cityscapes(), "train").files]
-    from ..detection.builtin import builtin_coco
-    from ..detection.coco import CocoDetection
-
-    return sorted(CocoDetection(builtin_coco(), "train2017").image_dir.iterdir())
-
-
-class CalibrationReader(CalibrationDataReader):
+class _CalibrationReader:
     """Feeds input batches to ONNX Runtime's calibrator, one ``{input_name: batch}`` per call."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
@@ -218,45 +204,158 @@ class CalibrationReader(CalibrationDataReader):
         return None if batch is None else {self.input_name: batch}
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray],
-                  per_channel: bool = True) -> Path:
-    """Post-training static INT8 quantization of an exported model with ONNX Runtime; returns ``int8_path``.
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[np.ndarray]) -> Path:
+    """Static INT8 quantization of an exported ONNX model with ONNX Runtime; returns ``int8_path``.
 
-    QDQ format, int8 weights (per output channel by default), uint8 activations with MinMax ranges observed on
-    the ``calibration`` batches (float32 arrays as the graph takes them, e.g. from :func:`model_input`).
+    QDQ format, which ONNX Runtime's CPU provider fuses into QLinearConv / QLinearAdd / QLinearMul kernels; int8
+    weights per output channel, uint8 activations with MinMax ranges observed on the ``calibration`` batches.
     """
+    onnx = require("onnx", "onnx")
+    quantization = require("onnxruntime.quantization", "onnx")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"  # shapes inferred and graph optimised, as ONNX Runtime advises
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         graph_model = onnx.load(str(prepared))
-        quantize_static(graph_model, str(int8_path), CalibrationReader(graph_model.graph.input[0].name, calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=float_tail(graph_model))
+        reader = _CalibrationReader(graph_model.graph.input[0].name, calibration)
+        quantization.quantize_static(
+            graph_model, str(int8_path), reader, quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+            nodes_to_exclude=after_last_convolutions(_onnx_nodes(graph_model)))
     return Path(int8_path)
 
 
-def float_tail(graph_model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes after the last convolutions (box decoding, softmax, the final resize and sum).
+def _pt2e_quantized(graph: nn.Module, example: Tensor, quantizer, calibration: Iterable[np.ndarray]) -> nn.Module:
+    """``graph`` exported, observed on the ``calibration`` batches and converted to quantize/dequantize pairs.
 
-    They are cheap, and keeping them in float keeps boxes and logits at full precision.
+    Only the model's own layers are annotated (``quantizer.set_module_name``), not the decoding and resizing
+    its forward does after them.
     """
-    producers = {output: node for node in graph_model.graph.node for output in node.output}
-    feeding = set()  # nodes with a path to a Conv
-    stack = [node for node in graph_model.graph.node if node.op_type == "Conv"]
-    while stack:
-        node = stack.pop()
-        if node.name not in feeding:
-            feeding.add(node.name)
-            stack += [producers[name] for name in node.input if name in producers]
-    return [node.name for node in graph_model.graph.node if node.name not in feeding]
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-
-def compare_outputs(model: nn.Module, onnx_model: OnnxModel, batch: Tensor) -> dict[str, float]:
-    """Largest absolute difference per output between ONNX Runtime and the PyTorch model on ``batch``."""
-    network = _network(model)
+    prepared = prepare_pt2e(torch.export.export(graph, (example,)).module(), quantizer)
     with torch.no_grad():
-        expected = _ExportGraph(network)(batch.to(next(network.parameters()).device))
-    expected = [expected] if isinstance(expected, Tensor) else list(expected)
-    got = onnx_model.run(batch.cpu().numpy())
-    return {name: float(np.abs(ours - theirs.cpu().numpy()).max())
-            for name, ours, theirs in zip(onnx_model.output_names, got, expected)}
+        for batch in calibration:
+            for image in torch.from_numpy(batch).split(1):
+                prepared(image)
+    return convert_pt2e(prepared)
+
+
+def _quantized_layers(graph: DeployGraph) -> list[str]:
+    """The graph's submodules that INT8 quantizes: the model's children but its input normalisation."""
+    return [f"model.{name}" for name, _ in graph.model.named_children() if name != "normalize"]
+
+
+# -- the formats --------------------------------------------------------------------------------------------------
+
+def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], calibration=None, opset: int = OPSET) -> None:
+    if calibration is None:
+        export_onnx(model, path, size, opset)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_onnx(export_onnx(model, Path(tmp) / "fp32.onnx", size, opset), path, calibration)
+
+
+def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
+    """OpenVINO IR (``path`` .xml and its .bin) converted from the ONNX export; INT8 through NNCF."""
+    ov = require("openvino", "openvino")
+    with tempfile.TemporaryDirectory() as tmp:
+        ir = ov.convert_model(str(export_onnx(model, Path(tmp) / "model.onnx", size)))
+    if calibration is not None:
+        nncf = require("nncf", "openvino")
+        from nncf.common.logging.logger import nncf_logger
+
+        nodes = {op.get_friendly_name(): (op.get_type_name() in ("Convolution", "GroupConvolution"),
+                                          [value.get_node().get_friendly_name() for value in op.input_values()])
+                 for op in ir.get_ordered_ops()}
+        level = nncf_logger.level
+        nncf.set_log_level(logging.WARNING)  # not a line per operator
+        try:
+            ir = nncf.quantize(ir, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                               ignored_scope=nncf.IgnoredScope(names=after_last_convolutions(nodes), validate=False))
+        finally:
+            nncf.set_log_level(level)
+    ov.save_model(ir, str(path), compress_to_fp16=False)
+
+
+def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
+    """An ExecuTorch program lowered to the XNNPACK delegate; INT8 through PT2E with the XNNPACK quantizer."""
+    require("executorch", "executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
+    if calibration is not None:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        quantizer, config = XNNPACKQuantizer(), get_symmetric_quantization_config(is_per_channel=True)
+        for name in _quantized_layers(graph):
+            quantizer.set_module_name(name, config)
+        graph = _pt2e_quantized(graph, example, quantizer, calibration)
+    with torch.no_grad():
+        program = torch.export.export(graph, (example,))
+    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+
+
+def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
+    """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer."""
+    litert_torch = require("litert_torch", "tflite")
+    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
+    options = {}
+    if calibration is not None:
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        config = get_symmetric_quantization_config(is_per_channel=True)
+        quantizer = PT2EQuantizer()
+        for name in _quantized_layers(graph):
+            quantizer.set_module_name(name, config)
+        graph = _pt2e_quantized(graph, example, quantizer, calibration)
+        # the converter reads the mode (static) from a global config; the annotations above are what counts
+        options["quant_config"] = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(config))
+    litert_torch.convert(graph, (example,), **options).export(str(path))
+
+
+WRITERS = {"onnx": write_onnx, "openvino": write_openvino, "executorch": write_executorch, "tflite": write_tflite}
+
+
+# -- inputs -------------------------------------------------------------------------------------------------------
+
+def model_input(model: nn.Module, image: np.ndarray, size: int | Sequence[int] | None = None) -> np.ndarray:
+    """One RGB uint8 H x W x 3 image as the exported graph takes it: [1, 3, H, W] float32 in [0, 1] at the export
+    size (bilinear, as SSDLite's own resize)."""
+    height, width = export_size(model, size)
+    x = torch.tensor(image).permute(2, 0, 1)[None].float().div(255)
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).numpy()
+
+
+def builtin_images(kind: str, split: str = "val") -> list[Path]:
+    """Images of the built-in dataset of a kind (street scenes for segmentation, shapes otherwise), ``split``
+    'train' or 'val'."""
+    if kind == "segmentation":
+        from ..segmentation.builtin import builtin_cityscapes
+
+        return validation_images("segmentation", "builtin", builtin_cityscapes(), split)
+    from ..detection.builtin import builtin_coco
+
+    return validation_images("detection", "builtin", builtin_coco(), f"{split}2017")
+
+
+def validation_images(task: str, dataset: str, root: str | Path | None, split: str) -> list[Path]:
+    """The image files of a training run's dataset split (as its config names them: ``config.dataset``,
+    ``config.data_root``, ``config.val_split``), sorted."""
+    if task == "segmentation":
+        from ..segmentation.builtin import builtin_cityscapes
+        from ..segmentation.cityscapes import Cityscapes
+
+        root = builtin_cityscapes(root) if dataset == "builtin" else root
+        return [image for image, _ in Cityscapes(root, split).files]
+    from ..detection.builtin import builtin_coco
+    from ..detection.coco import CocoDetection
+
+    coco = CocoDetection(builtin_coco(root) if dataset == "builtin" else root, split)
+    return [coco.image_dir / coco.coco.imgs[i]["file_name"] for i in coco.image_ids]

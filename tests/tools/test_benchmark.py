@@ -64,16 +64,37 @@ def test_segmentation_rows_give_torchvisions_logits():
 @torch.inference_mode()
 def test_deployment_rows_do_the_same_work():
     classify, detect, segment = deployment_workloads(PHOTOS, QUICK.classify_size, QUICK.detect_size,
-                                                     QUICK.background_logits, QUICK.deploy_segment, warmup=0)
-    assert [c.variant for c in detect.contenders] == ["ORT fp32", "ORT int8"]
+                                                     QUICK.background_logits, QUICK.deploy_segment,
+                                                     QUICK.deploy_formats, warmup=0)
+    variants = [f"{format} {precision}" for format in QUICK.deploy_formats for precision in ("fp32", "int8")]
+    assert [c.variant for c in detect.contenders] == variants
+    assert [c.target for c in detect.contenders] == [0.25, 0.2] * len(QUICK.deploy_formats)
     assert classify.contenders[0].call().shape == classify.reference_call().shape == (1, 1000)
+    torch.testing.assert_close(classify.contenders[0].call(), classify.reference_call(), rtol=1e-3, atol=1e-3)
     expected = detect.reference_call()
-    fp32, int8 = (contender.call() for contender in detect.contenders)
-    assert same_detections(expected[0], fp32[0]) and len(int8[0]["boxes"]) == 300
+    for contender in detect.contenders:
+        got = contender.call()
+        assert same_detections(expected[0], got[0]) if "fp32" in contender.variant else len(got[0]["boxes"]) == 300
     expected = segment.reference_call()
-    fp32, int8 = (contender.call() for contender in segment.contenders)
-    torch.testing.assert_close(fp32, expected, rtol=1e-3, atol=1e-3)
-    assert int8.shape == expected.shape
+    for contender in segment.contenders:
+        got = contender.call()
+        if "fp32" in contender.variant:
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+        assert got.shape == expected.shape
+
+
+def test_op_breakdown_names_the_kernels(tmp_path):
+    from benchmarking.workloads import op_breakdown
+
+    from heads.deploy import runtimes
+    from heads.registry import create_model
+
+    model = create_model("lraspp_mbv3_small_reduced").eval()
+    images = torch.rand(1, 3, 64, 128)
+    for format in QUICK.deploy_formats:
+        runtime = runtimes.load(runtimes.export(model, tmp_path / f"m{runtimes.FORMATS[format]}", size=(64, 128)))
+        times = op_breakdown(runtime, images, repeats=2)
+        assert all(ms >= 0 for _, ms in times) and any("Conv" in name for name, _ in times)
 
 
 @pytest.mark.slow
@@ -89,6 +110,7 @@ def test_quick_benchmark_runs(tmp_path):
                 ("train", "ssdlite320_mbv3_large_reduced"), ("train", "lraspp_mbv3_large"), ("deploy", "mbv3_large"),
                 ("deploy", "ssdlite320_mbv3_large_reduced"), ("deploy", "lraspp_mbv3_large")}
     assert {(r["task"], r["model"]) for r in rows} == expected
-    assert {r["variant"] for r in rows} == {"eager", "channels_last", "ORT fp32", "ORT int8"}
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "onnx fp32", "onnx int8", "openvino fp32",
+                                            "openvino int8"}
     assert all(r["ms_median"] > 0 and r["reference_ms_median"] > 0 for r in rows)
     assert all(r["images_per_s"] > 0 for r in rows if r["task"] == "train")

@@ -1,0 +1,338 @@
+"""Deployment: BatchNorm folding, each runtime against PyTorch (fp32 and INT8), metadata, errors, tools/export.py."""
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL, randomize_batchnorm
+from torch import nn
+
+import mbbackbones
+from heads.assets import SAMPLE_IMAGES
+from heads.backbone import create_backbone
+from heads.cli import export_main
+from heads.data import read_image
+from heads.deploy import export, runtimes
+from heads.registry import create_model
+from heads.segmentation.lraspp import LRASPP
+
+DETECTOR, SEGMENTER, BACKBONE = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced", "mbv3_small_reduced"
+SIZES = {DETECTOR: None, SEGMENTER: (64, 128)}  # small: ExecuTorch and LiteRT graphs are fixed at the export size
+PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch", "tflite": "ai_edge_litert"}
+# ExecuTorch and LiteRT convert SSDLite in 25-45 s per precision on one core: their INT8 detector is a slow test
+FORMATS = ["onnx", "openvino", "executorch", "tflite"]
+SLOW_INT8 = {("executorch", DETECTOR), ("tflite", DETECTOR)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spread(model: nn.Module, *parts: nn.Module) -> nn.Module:
+    """He-initialised convs in ``parts`` (SSDLite's std 0.03 makes all scores alike) and random BatchNorm, so that
+    outputs vary from anchor to anchor and pixel to pixel."""
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+    return randomize_batchnorm(model)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    """The detector (box regression keeps its init, so boxes stay near their anchors) and the segmenter."""
+    torch.manual_seed(0)
+    detector, segmenter = create_model(DETECTOR), create_model(SEGMENTER)
+    return {DETECTOR: spread(detector, detector.backbone, detector.extra, detector.head.classification_head),
+            SEGMENTER: spread(segmenter, segmenter)}
+
+
+@pytest.fixture(scope="module")
+def weights(models, tmp_path_factory):
+    """State dict files of the detector, the segmenter and a (classification) backbone."""
+    folder = tmp_path_factory.mktemp("weights")
+    files = {name: folder / f"{name}.pth" for name in (*models, BACKBONE)}
+    for name, model in models.items():
+        torch.save(model.state_dict(), files[name])
+    torch.save(randomize_batchnorm(mbbackbones.create_model(BACKBONE)).state_dict(), files[BACKBONE])
+    return files
+
+
+def real_images(name: str, model: nn.Module) -> torch.Tensor:
+    """Real inputs: two photos for the detector; the real Cityscapes frame and a photo for the segmenter."""
+    paths = [SAMPLE_IMAGES["kitten"], SAMPLE_IMAGES["3dogs"]]
+    if name == SEGMENTER:
+        paths[0] = next((REAL / "cityscapes_sample" / "leftImg8bit").glob("*.png"))
+    return torch.from_numpy(np.concatenate([export.model_input(model, read_image(p), SIZES[name]) for p in paths]))
+
+
+def calibration(name: str, model: nn.Module) -> list[np.ndarray]:
+    """The real images above and the grayscale photo, one batch each."""
+    images = list(real_images(name, model).numpy()[:, None])
+    return images + [export.model_input(model, read_image(REAL / "gray.jpg"), SIZES[name])]
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    """``exported(format, name, int8)``: the file, exported once per module."""
+    folder, files = tmp_path_factory.mktemp("exports"), {}
+
+    def get(format: str, name: str, int8: bool = False):
+        pytest.importorskip(PACKAGES[format])
+        if (format, name, int8) not in files:
+            model = models[name]
+            path = folder / f"{name}{'.int8' if int8 else ''}{runtimes.FORMATS[format]}"
+            files[format, name, int8] = runtimes.export(model, path, int8=int8, size=SIZES[name],
+                                                        calibration=calibration(name, model) if int8 else None)
+        return files[format, name, int8]
+
+    return get
+
+
+@torch.no_grad()
+def pytorch_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    if model.task == "detection":
+        return list(model.forward_batch(images))
+    return [model(model.normalize(images))]
+
+
+# -- BatchNorm folding ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def raw_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The network's outputs before any decoding (SSDLite: box deltas and class logits)."""
+    if export.model_kind(model) == "detection":
+        head = model.predict(x)
+        return [head["bbox_regression"], head["cls_logits"]]
+    outputs = model(x)
+    return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: create_backbone(BACKBONE, feature_location="expansion"),
+    lambda: create_model(DETECTOR),
+    lambda: create_model(SEGMENTER, pooling="large_kernel", pool_kernel=(3, 3), pool_stride=(2, 2)),
+], ids=["backbone", "ssdlite", "lraspp"])
+def test_fold_batchnorm_keeps_outputs_and_removes_every_batchnorm(build):
+    model = randomize_batchnorm(build())
+    folded = export.fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the input is left as it was
+    x = torch.rand(2, 3, 160, 160)
+    for ours, theirs in zip(raw_outputs(folded, x), raw_outputs(model, x)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_rejects_a_batchnorm_without_a_conv():
+    with pytest.raises(ValueError, match="cannot fold BatchNorm '1'"):
+        export.fold_batchnorm(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
+
+
+# -- each runtime against PyTorch ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_fp32_detector_gives_pytorchs_boxes_scores_and_detections(format, models, exported):
+    model = models[DETECTOR]
+    runtime = runtimes.load(exported(format, DETECTOR), threads=1)
+    images = real_images(DETECTOR, model)
+    (boxes, scores), (expected_boxes, expected_scores) = runtime(images), pytorch_outputs(model, images)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-3, rtol=0)  # pixels
+    torch.testing.assert_close(scores, expected_scores, atol=1e-4, rtol=0)
+    for index in range(len(images)):
+        ours, theirs = (model.select(b[index], s[index], (480, 640))
+                        for b, s in ((boxes, scores), (expected_boxes, expected_scores)))
+        assert len(theirs["labels"]) == model.detections_per_img
+        # the same detections; near-equal scores may swap places at the 300th
+        assert runtimes.detection_agreement(theirs, ours, 300, 300, iou=0.999) >= 0.99
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_fp32_segmenter_gives_pytorchs_logits(format, models, exported):
+    model = models[SEGMENTER]
+    runtime = runtimes.load(exported(format, SEGMENTER), threads=1)
+    images = real_images(SEGMENTER, model)
+    (logits,), (expected,) = runtime(images), pytorch_outputs(model, images)
+    assert len(expected.argmax(1).unique()) > 3  # a segmenter with varied masks, not one class everywhere
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("format", [pytest.param(f, marks=pytest.mark.slow) if (f, DETECTOR) in SLOW_INT8 else f
+                                    for f in FORMATS])
+def test_int8_detector_keeps_the_top_detections(format, models, exported):
+    model = models[DETECTOR]
+    runtime = runtimes.load(exported(format, DETECTOR, int8=True), threads=1)
+    assert runtime.metadata["precision"] == "int8"
+    images = real_images(DETECTOR, model)
+    (boxes, scores), (expected_boxes, expected_scores) = runtime(images), pytorch_outputs(model, images)
+    assert np.corrcoef(scores[..., 1:].flatten(), expected_scores[..., 1:].flatten())[0, 1] > 0.9
+    for index in range(len(images)):
+        ours, theirs = (model.select(b[index], s[index], (480, 640))
+                        for b, s in ((boxes, scores), (expected_boxes, expected_scores)))
+        assert runtimes.detection_agreement(theirs, ours, top=10, among=30, iou=0.5) >= 0.7
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_int8_segmenter_keeps_the_masks(format, models, exported):
+    model = models[SEGMENTER]
+    runtime = runtimes.load(exported(format, SEGMENTER, int8=True), threads=1)
+    images = real_images(SEGMENTER, model)
+    (logits,), (expected,) = runtime(images), pytorch_outputs(model, images)
+    assert (logits.argmax(1) == expected.argmax(1)).float().mean() > 0.9
+
+
+def test_int8_files_hold_integer_operators(exported):
+    onnx = pytest.importorskip("onnx")
+    kinds = {node.op_type for node in onnx.load(str(exported("onnx", DETECTOR, int8=True))).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    openvino = pytest.importorskip("openvino")
+    ir = openvino.Core().read_model(str(exported("openvino", DETECTOR, int8=True)))
+    assert sum(op.get_type_name() == "FakeQuantize" for op in ir.get_ordered_ops()) > 50
+
+
+def test_onnx_and_openvino_take_any_size_and_batch(models, exported):
+    model = models[SEGMENTER]
+    for format in ("onnx", "openvino"):
+        runtime = runtimes.load(exported(format, SEGMENTER))
+        assert runtime.metadata["input_size"] is None
+        for size in [(64, 128), (96, 160)]:
+            images = torch.rand(3, 3, *size)
+            torch.testing.assert_close(runtime(images)[0], pytorch_outputs(model, images)[0], atol=1e-4, rtol=0)
+
+
+def test_backbone_and_large_kernel_exports(weights, tmp_path):
+    backbone = create_backbone(BACKBONE, weights[BACKBONE]).eval()
+    runtime = runtimes.load(runtimes.export(backbone, tmp_path / "backbone.onnx", size=96))
+    assert runtime.metadata["outputs"] == [f"features{i}" for i in range(5)] and runtime.metadata["input_size"] is None
+    images = torch.rand(2, 3, 64, 128)
+    expected = backbone(export.normalizer(backbone)(images))
+    for ours, theirs in zip(runtime(images), expected):
+        torch.testing.assert_close(ours, theirs.detach(), atol=1e-4, rtol=0)
+
+    model = randomize_batchnorm(LRASPP(BACKBONE, pooling="large_kernel", pool_kernel=(3, 3), pool_stride=(1, 2)))
+    runtime = runtimes.load(runtimes.export(model, tmp_path / "lraspp.onnx", size=(96, 160)))
+    assert runtime.metadata["input_size"] == [96, 160]
+    images = torch.rand(1, 3, 96, 160)
+    torch.testing.assert_close(runtime(images)[0], pytorch_outputs(model, images)[0], atol=1e-4, rtol=0)
+
+
+# -- metadata and errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_metadata_round_trip(format, models, exported, tmp_path):
+    path = exported(format, DETECTOR)
+    assert runtimes.read_metadata(path) == {**models[DETECTOR].meta, "format": format, "precision": "fp32",
+                                            "input_size": [320, 320], "outputs": ["boxes", "scores"]}
+    for file in runtimes.exported_files(path):
+        shutil.copy(file, tmp_path)
+    copy = tmp_path / path.name
+    runtimes.write_metadata(copy, {"task": "detection", "note": [1, 2.5, None]})
+    assert runtimes.read_metadata(copy) == {"task": "detection", "note": [1, 2.5, None]}
+
+
+def test_files_without_metadata_or_corrupt_are_one_line_errors(exported, tmp_path):
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 1), (torch.rand(1, 3, 8, 8),), str(foreign), dynamo=False)
+    with pytest.raises(ValueError, match=r"foreign.onnx has no mbbackbones metadata: .* export it again"):
+        runtimes.load(foreign)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07not a model")
+    with pytest.raises(ValueError, match=r"corrupt.onnx is not a valid ONNX file \(InvalidProtobuf\)"):
+        runtimes.load(corrupt)
+    pytest.importorskip("executorch")
+    program = tmp_path / "model.pte"
+    shutil.copy(exported("executorch", SEGMENTER), program)  # without its sidecar
+    with pytest.raises(ValueError, match=r"model.pte has no mbbackbones metadata \(model.pte.json beside it\)"):
+        runtimes.load(program)
+    with pytest.raises(ValueError, match="suffix is none of .onnx, .xml, .pte, .tflite"):
+        runtimes.load(tmp_path / "model.engine")
+
+
+def test_a_mismatched_file_is_a_one_line_error(exported):
+    with pytest.raises(ValueError, match=r"is a segmentation model \(.*\), not a detection one"):
+        runtimes.load(exported("onnx", SEGMENTER), task="detection")
+    runtime = runtimes.load(exported("onnx", DETECTOR), task="detection")
+    with pytest.raises(ValueError, match="takes 320x320 .* got 64x128"):
+        runtime(torch.rand(1, 3, 64, 128))
+    with pytest.raises(ValueError, match=r"takes float32 \[B, 3, H, W\] images"):
+        runtime(torch.rand(3, 320, 320))
+
+
+@pytest.mark.parametrize("format, module, extra", [("openvino", "openvino", "openvino"),
+                                                   ("tflite", "litert_torch", "litert"),
+                                                   ("executorch", "executorch", "executorch")])
+def test_a_missing_runtime_names_its_extra(format, module, extra, models, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=rf"pip install 'mbbackbones\[{extra}\]'$"):
+        runtimes.export(models[SEGMENTER], tmp_path / f"model{runtimes.FORMATS[format]}", size=(32, 64))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_runtime_options(exported):
+    path = exported("onnx", DETECTOR)
+    runtime = runtimes.load(path, threads=1, providers=["CPUExecutionProvider"], optimization="basic")
+    assert runtime.session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="optimization='al' is not supported.*Did you mean 'all'"):
+        runtimes.load(path, optimization="al")
+
+
+# -- tools/export.py -----------------------------------------------------------------------------------------------
+
+def test_export_tool_writes_only_its_file_and_states_a_verdict(weights, tmp_path, capsys):
+    out = tmp_path / "out" / "ssdlite.onnx"
+    files = export_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, "--out", str(out)])
+    assert files == [out] and list(out.parent.iterdir()) == [out]
+    printed = capsys.readouterr().out
+    assert "max |boxes difference|" in printed and "(<= 0.001): PASS" in printed and "FAIL" not in printed
+    files = export_main(["--weights", str(weights[SEGMENTER]), "--model", SEGMENTER, "--format", "openvino",
+                         "--size", "64", "128", "--out", str(tmp_path / "ir" / "lraspp.xml")])
+    assert sorted(files) == sorted((tmp_path / "ir").iterdir()) and {f.suffix for f in files} == {".xml", ".bin"}
+
+
+def test_export_tool_fails_beyond_the_tolerance(weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(runtimes.FP32_TOLERANCES, "boxes", -1.0)
+    with pytest.raises(SystemExit, match="differs from PyTorch beyond the tolerance"):
+        export_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, "--out", str(tmp_path / "d.onnx")])
+    assert "(<= -1): FAIL" in capsys.readouterr().out
+
+
+def test_export_tool_calibrates_on_the_runs_validation_images(tmp_path, capsys, monkeypatch):
+    from heads.training.config import make_config
+    from heads.training.engine import Trainer
+    from heads.training.tasks import get_task
+
+    monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path / "data"))
+    config = make_config({**get_task("segmentation").defaults, "task": "segmentation", "model": SEGMENTER,
+                          "output": str(tmp_path / "run"), "data_root": str(tmp_path / "cityscapes"),
+                          "crop_size": [64, 128], "max_steps": 1, "batch_size": 2, "workers": 0, "eval_every": 0,
+                          "optimizer": "adam", "lr": 1e-3, "lr_batch": 2})
+    Trainer(config, get_task("segmentation")).fit()
+    export_main(["--weights", str(tmp_path / "run"), "--out", str(tmp_path / "int8.onnx"), "--int8",
+                 "--size", "64", "128", "--calibration-images", "4"])
+    printed = capsys.readouterr().out
+    assert f"calibrated on 4 images from {tmp_path / 'cityscapes' / 'leftImg8bit' / 'val'}" in printed
+    assert "pixels of the same class" in printed
+    assert not (tmp_path / "data").exists()  # not the built-in set of the data home
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8"], "--int8 needs calibration images and {weights} has no run config"),
+    (["--out", "{tmp}/folder.onnx"], "cannot export to {tmp}/folder.onnx: it is a folder; name the .onnx file"),
+    (["--out", "{tmp}/file.txt/model.onnx"], "cannot write {tmp}/file.txt/model.onnx: File exists"),
+    (["--out", "{tmp}/model.engine"], "cannot tell the format of {tmp}/model.engine"),
+    (["--format", "openvino"], "{tmp}/model.onnx: openvino files end in .xml"),
+])
+def test_export_tool_errors_are_one_line(argv, message, weights, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "folder.onnx").mkdir()
+    weights_file = str(weights[DETECTOR])
+    argv = ["--weights", weights_file, "--model", DETECTOR, "--out", f"{tmp_path}/model.onnx", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([a.format(tmp=tmp_path) for a in argv])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert message.format(tmp=tmp_path, weights=weights_file) in error
