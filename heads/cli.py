@@ -291,6 +291,7 @@ def _check_images(args, kind: str, config) -> list[Path]:
     """Images to calibrate INT8 on and to check the export with (see ``--calibration``)."""
     from .assets import SAMPLE_IMAGES
     from .deploy import export
+    from .deploy.predictor import list_images
 
     if args.calibration == "builtin":
         return export.builtin_images(kind, "val")

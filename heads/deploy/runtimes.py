@@ -307,7 +307,8 @@ class ExecuTorchRuntime(Runtime):
         try:
             self.method = runtime.Runtime.get().load_program(self.path).load_method("forward")
         except RuntimeError as error:
-            raise CheckpointError(f"{self.path} is not a loadable ExecuTorch program ({error}): export it again") from None
+            raise CheckpointError(f"{self.path} is not a loadable ExecuTorch program ({error}): export it "
+                                  "again") from None
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         return [out.numpy() for out in self.method.execute([torch.from_numpy(images)])]
