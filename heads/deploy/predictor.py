@@ -441,7 +441,9 @@ def _batches(items: Iterator[Item], size: int, same_size: bool) -> Iterator[list
 # -- loading -------------------------------------------------------------------------------------------------------
 
 def exported_suffixes() -> tuple[str, ...]:
-    return (".onnx", ".xml", ".pte", ".tflite")  # TODO: runtimes.FORMATS once it lands
+    from .export import FORMATS
+
+    return tuple(FORMATS.values())
 
 
 def load_network(model, name: str | None, device: torch.device) -> nn.Module | Path:

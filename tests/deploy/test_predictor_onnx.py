@@ -1,63 +1,49 @@
-"""The old ONNX Runtime predictor path of heads.deploy.predictor (make_predictor(..., "onnxruntime")), kept as it was.
-
-It imports ``export.OnnxModel`` and feeds segmenters normalised images, which the deployment runtimes replaced
-(``heads.deploy.runtimes``: graphs take images in [0, 1]); the Predictor being rewritten on those runtimes replaces
-this path and these tests.
-"""
+"""heads.Predictor on exported files: the runtime follows the file, pre- and post-processing are the PyTorch path's."""
 import numpy as np
 import pytest
-from PIL import Image
-from test_runtimes import DETECTOR, SEGMENTER, models, one_thread, weights  # noqa: F401  (fixtures)
-from torchvision.ops import box_iou
+import torch
+from test_runtimes import DETECTOR, SEGMENTER, models, one_thread  # noqa: F401  (fixtures)
 
 from heads.assets import SAMPLE_IMAGES
-from heads.cli import infer_main
+from heads.cli import eval_det_main, eval_seg_main, infer_main
 from heads.data import read_image
 from heads.deploy import runtimes
-from heads.deploy.predictor import load_model, make_predictor
-
-OLD_PATH = pytest.mark.xfail(raises=ImportError, strict=True,
-                             reason="predictor.py's ONNX backend imports export.OnnxModel, replaced by runtimes.load")
+from heads.deploy.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
-def detector_files(models, tmp_path_factory):  # noqa: F811
-    return [runtimes.export(models[DETECTOR], tmp_path_factory.mktemp("onnx") / "ssdlite.onnx")]
+def exported(models, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("exported")
+    return {name: runtimes.export(models[name], folder / f"{name}.onnx") for name in (DETECTOR, SEGMENTER)}
 
 
-def agreement(ours: dict, theirs: dict, iou: float) -> float:
-    """The fraction of ``ours`` detections that ``theirs`` has too (same label, box IoU >= ``iou``), in any order."""
-    same = (ours["labels"][:, None] == theirs["labels"][None]) & (box_iou(ours["boxes"], theirs["boxes"]) >= iou)
-    return same.any(1).float().mean().item()
-
-
-@OLD_PATH
-@pytest.mark.parametrize("name", [DETECTOR, SEGMENTER])
-def test_infer_onnxruntime_draws_what_pytorch_draws(name, weights, detector_files, tmp_path, photos):  # noqa: F811
-    common = ["--weights", str(weights[name]), "--model", name, str(photos), "--score-thresh", "0.2"]
-    infer_main([*common, "--out", str(tmp_path / "pytorch")])
-    onnx_file = detector_files[0] if name == DETECTOR else None  # the segmenter is exported on the fly
-    infer_main([*common, "--out", str(tmp_path / "onnxruntime"), "--backend", "onnxruntime",
-                *(["--onnx", str(onnx_file)] if onnx_file else [])])
-    pictures = sorted(p.name for p in (tmp_path / "pytorch").iterdir())
-    assert pictures == ["3dogs.png", "gray.png", "kitten.png"]
-    assert sorted(p.name for p in (tmp_path / "onnxruntime").iterdir()) == pictures
-    for picture in pictures:
-        ours, theirs = (np.asarray(Image.open(tmp_path / backend / picture)) for backend in ("pytorch", "onnxruntime"))
-        assert (ours != theirs).any(-1).mean() < 0.001
-
-    loaded = load_model(weights[name], name)
+def test_an_exported_detector_predicts_what_pytorch_predicts(models, exported):  # noqa: F811
     image = read_image(SAMPLE_IMAGES["3dogs"])
-    expected, got = make_predictor(loaded)(image)[0], make_predictor(loaded, "onnxruntime", onnx_file)(image)[0]
-    if name == DETECTOR:
-        assert agreement(got, expected, iou=0.999) >= 0.99
-    else:
-        assert (got == expected).mean() > 0.999
+    ours, theirs = Predictor(exported[DETECTOR])(image)[0], Predictor(models[DETECTOR])(image)[0]
+    assert ours.categories == theirs.categories and len(ours.scores) == len(theirs.scores) > 0
+    torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=0)
+    assert torch.equal(ours.labels, theirs.labels)
 
 
-def test_onnx_file_needs_the_onnxruntime_backend(weights, detector_files, tmp_path, capsys, photos):  # noqa: F811
+def test_an_exported_segmenter_predicts_what_pytorch_predicts(models, exported):  # noqa: F811
+    image = read_image(SAMPLE_IMAGES["kitten"])
+    ours, theirs = Predictor(exported[SEGMENTER])(image)[0], Predictor(models[SEGMENTER])(image)[0]
+    assert ours.mask.shape == image.shape[:2] and (ours.mask == theirs.mask).mean() > 0.999
+
+
+def test_tools_take_exported_files(exported, tmp_path, capsys, photos):
+    results = infer_main(["--weights", str(exported[DETECTOR]), str(photos), "--out", str(tmp_path / "pictures"),
+                          "--threads", "1"])
+    assert len(results) == 3 and (tmp_path / "pictures" / "detections.json").is_file()
     with pytest.raises(SystemExit):
-        infer_main(["--weights", str(weights[DETECTOR]), "--model", DETECTOR, str(photos), "--out", str(tmp_path),
-                    "--onnx", str(detector_files[0])])
+        infer_main(["--weights", str(exported[SEGMENTER]), "--task", "detection", str(photos), "--out",
+                    str(tmp_path / "x")])
+    assert "is a segmentation model" in capsys.readouterr().err
+    metrics = eval_seg_main(["--weights", str(exported[SEGMENTER]), "--builtin", "--limit", "2"])
+    assert np.isfinite(metrics.pixel_accuracy)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eval_det_main(["--weights", str(exported[SEGMENTER]), "--builtin"])
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "needs backend='onnxruntime'" in error
+    assert error.count("\n") == 1 and "is a segmentation model; evaluate it with tools/eval_seg.py" in error
