@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from benchmarking.harness import COUNTERPARTS, markdown, run
-from benchmarking.workloads import FULL, QUICK, TASKS, workloads
+from benchmarking.workloads import FULL, QUICK, TASKS, targets_table, workloads
 
 from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
@@ -21,8 +21,9 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, help=f"classify, features, detect (default: {FULL.batches})")
     parser.add_argument("--repeats", type=int, help=f"timed rounds (default: {FULL.repeats})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--channels-last", action="store_true", help="also time channels-last copies of ours")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies of ours (slow start)")
+    parser.add_argument("--channels-last", action="store_true", help="also time channels-last copies of the backbones")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd backbones and predictors (slow start)")
     parser.add_argument("--images", nargs="+", default=IMAGES, help="photos for the SSDLite rows")
     parser.add_argument("--quick", action="store_true", help="few rows, tiny sizes, 3 repeats (smoke test)")
     parser.add_argument("--json", help="write the rows here")
@@ -36,7 +37,7 @@ def main() -> None:
     images = [read_image(path) for path in args.images]
     extra = [name for name, wanted in (("channels_last", args.channels_last), ("compiled", args.compile)) if wanted]
     result = run(workloads(args.tasks, settings, images, extra), settings.repeats, settings.budget_s)
-    print(markdown(result))
+    print(targets_table(result), markdown(result), sep="\n\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -305,9 +305,13 @@ def test_export_tool_calibrates_on_the_runs_validation_images(tmp_path, capsys, 
     from heads.training.engine import Trainer
     from heads.training.tasks import get_task
 
+    from heads.segmentation.builtin import builtin_cityscapes
+
     monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path / "data"))
+    builtin_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))  # the run's own data
     config = make_config({**get_task("segmentation").defaults, "task": "segmentation", "model": SEGMENTER,
-                          "output": str(tmp_path / "run"), "data_root": str(tmp_path / "cityscapes"),
+                          "output": str(tmp_path / "run"), "dataset": "cityscapes",
+                          "data_root": str(tmp_path / "cityscapes"),
                           "crop_size": [64, 128], "max_steps": 1, "batch_size": 2, "workers": 0, "eval_every": 0,
                           "optimizer": "adam", "lr": 1e-3, "lr_batch": 2})
     Trainer(config, get_task("segmentation")).fit()

@@ -12,6 +12,7 @@ from benchmarking.workloads import QUICK, deployment_workloads, detection_worklo
 
 from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
+from heads.deploy.runtimes import detection_agreement
 from mbbackbones.profile import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,27 +39,40 @@ def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4) -> bo
                 distance.min(0).values[expected["scores"] > cutoff].max() <= tolerance)
 
 
+def as_dicts(results) -> list[dict]:
+    """Predictor results as torchvision's detection dicts."""
+    return [r if isinstance(r, dict) else {"boxes": r.boxes, "scores": r.scores, "labels": r.labels}
+            for r in results]
+
+
+def masks(results) -> torch.Tensor:
+    return results if isinstance(results, torch.Tensor) else torch.stack([torch.from_numpy(r.mask) for r in results])
+
+
 @torch.inference_mode()
 def test_detection_rows_give_torchvisions_detections():
-    workloads = list(detection_workloads(PHOTOS, batches=(2,), size=QUICK.detect_size, background_logits=(0.0, 9.0),
-                                         extra=("channels_last",)))
+    workloads = list(detection_workloads(PHOTOS, batches=(2,), size=QUICK.detect_size, background_logits=(0.0, 9.0)))
     loads = [int(w.input.split(", ")[1].split()[0].replace(",", "")) for w in workloads]
     assert loads[0] > 0.9 * 3234 * 90 and loads[1] < 0.1 * loads[0]  # a random head vs a confident background
     for workload in workloads:
         expected = workload.reference_call()
         assert len(expected) == 2 and all(len(e["boxes"]) == 300 for e in expected)
         assert len(torch.unique(expected[0]["scores"])) > 100  # no ties from a collapsed network
-        for contender in workload.contenders:
-            assert all(same_detections(e, a) for e, a in zip(expected, contender.call()))
+        model, predictor = workload.contenders
+        assert (model.variant, predictor.variant, predictor.target) == ("model", "Predictor", 0.5)
+        assert all(same_detections(e, a) for e, a in zip(expected, model.call()))  # the same tensors in
+        for e, a in zip(expected, as_dicts(predictor.call())):  # the photo resized in uint8: rounding apart
+            assert detection_agreement(e, a, top=50, among=100, iou=0.9) >= 0.9
 
 
 @torch.inference_mode()
-def test_segmentation_rows_give_torchvisions_logits():
-    for workload in segmentation_workloads(QUICK.segment_shapes, extra=("channels_last",)):
+def test_segmentation_rows_give_torchvisions_masks():
+    for workload in segmentation_workloads(PHOTOS, QUICK.segment_shapes):
         expected = workload.reference_call()
-        assert expected.shape == (1, 19, *QUICK.segment_shapes[0][0])
-        for contender in workload.contenders:
-            torch.testing.assert_close(contender.call(), expected, rtol=1e-4, atol=1e-4)
+        assert expected.shape == (1, *QUICK.segment_shapes[0][0])
+        model, predictor = workload.contenders
+        assert torch.equal(model.call(), expected)
+        assert (masks(predictor.call()) == expected).float().mean() > 0.99
 
 
 @torch.inference_mode()
@@ -73,14 +87,13 @@ def test_deployment_rows_do_the_same_work():
     torch.testing.assert_close(classify.contenders[0].call(), classify.reference_call(), rtol=1e-3, atol=1e-3)
     expected = detect.reference_call()
     for contender in detect.contenders:
-        got = contender.call()
-        assert same_detections(expected[0], got[0]) if "fp32" in contender.variant else len(got[0]["boxes"]) == 300
+        got = as_dicts(contender.call())
+        threshold = 0.9 if "fp32" in contender.variant else 0.5
+        assert detection_agreement(expected[0], got[0], top=50, among=100, iou=0.9) >= threshold, contender.variant
     expected = segment.reference_call()
     for contender in segment.contenders:
-        got = contender.call()
-        if "fp32" in contender.variant:
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-        assert got.shape == expected.shape
+        agreement = (masks(contender.call()) == expected).float().mean()
+        assert agreement > (0.99 if "fp32" in contender.variant else 0.8), contender.variant
 
 
 def test_op_breakdown_names_the_kernels(tmp_path):
@@ -104,13 +117,14 @@ def test_quick_benchmark_runs(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--threads", "1",
                              "--channels-last", "--json", str(out)], capture_output=True, text=True, check=True)
     assert "### detect" in result.stdout and "| mbv3_small | eager | 96x96 | 1 |" in result.stdout
+    assert "| `heads.Predictor` on PyTorch |" in result.stdout and "GFLOP/s (% of sgemm peak)" in result.stdout
     rows = json.loads(out.read_text())["rows"]
     expected = {("classify", "mbv3_large_reduced"), ("features", "mbv3_large_reduced"), ("classify", "mbv3_small"),
                 ("detect", "ssdlite320_mbv3_large_reduced"), ("segment", "lraspp_mbv3_large"),
                 ("train", "ssdlite320_mbv3_large_reduced"), ("train", "lraspp_mbv3_large"), ("deploy", "mbv3_large"),
                 ("deploy", "ssdlite320_mbv3_large_reduced"), ("deploy", "lraspp_mbv3_large")}
     assert {(r["task"], r["model"]) for r in rows} == expected
-    assert {r["variant"] for r in rows} == {"eager", "channels_last", "onnx fp32", "onnx int8", "openvino fp32",
-                                            "openvino int8"}
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "model", "Predictor", "engine", "onnx fp32",
+                                            "onnx int8", "openvino fp32", "openvino int8"}
     assert all(r["ms_median"] > 0 and r["reference_ms_median"] > 0 for r in rows)
     assert all(r["images_per_s"] > 0 for r in rows if r["task"] == "train")

@@ -166,8 +166,18 @@ def measure(workload: Workload, repeats: int, budget_s: float = float("inf")) ->
         if workload.training:
             row.update(images_per_s=round(workload.batch * 1e3 / median, 2),
                        reference_images_per_s=round(workload.batch * 1e3 / reference_median, 2))
+        elif contender.madds_m:  # two flops per multiply-add, over the whole call (pre- and post-processing too)
+            row["gflops"] = round(2 * contender.madds_m * 1e6 * workload.batch / (median / 1e3) / 1e9, 1)
         rows.append(row)
     return rows
+
+
+def sgemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The best float32 matrix-multiply rate of this machine with torch's threads: the practical compute ceiling."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_time_ms(lambda: a @ b) for _ in range(repeats))
+    return round(2 * size**3 / (best / 1e3) / 1e9, 1)
 
 
 def cpu_name() -> str:
@@ -181,7 +191,7 @@ def cpu_name() -> str:
 
 def machine() -> dict:
     return dict(threads=torch.get_num_threads(), torch=torch.__version__, cpu=cpu_name(),
-                load_average=os.getloadavg()[0], date=time.strftime("%Y-%m-%d"))
+                load_average=os.getloadavg()[0], date=time.strftime("%Y-%m-%d"), sgemm_gflops=sgemm_peak_gflops())
 
 
 def run(workloads: Iterable[Workload], repeats: int = 20, budget_s: float = float("inf")) -> dict:
@@ -206,15 +216,16 @@ def _ratio(row: dict) -> str:
 def markdown(result: dict) -> str:
     """One table per task; published numbers cite their sources below the table."""
     info = result["machine"]
+    peak = info["sgemm_gflops"]
     lines = [f"{info['date']}, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-             f"load average {info['load_average']:.2f} at start"]
+             f"load average {info['load_average']:.2f} at start, sgemm peak {peak} GFLOP/s"]
     for task in dict.fromkeys(row["task"] for row in result["rows"]):
         rows = [row for row in result["rows"] if row["task"] == task]
         sources = list(dict.fromkeys(row["published"]["source"] for row in rows if row["published"]))
         training = "images_per_s" in rows[0]
         header = ["model", "variant", "input", "batch", "params", "MAdds", "published params / MAdds (metric)",
                   "ms (median / min)", "reference", "ref ms (median / min)", "ratio (median / min)"]
-        header += ["img/s (ours / ref)"] if training else []
+        header += ["img/s (ours / ref)"] if training else ["GFLOP/s (% of sgemm peak)"]
         lines += ["", f"### {task}", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join("---" if h in ("model", "variant", "input", "reference") else "---:" for h in header)
                   + "|"]
@@ -226,7 +237,10 @@ def markdown(result: dict) -> str:
             cells = [row["model"], row["variant"], row["input"], row["batch"], f"{row['params']:,}",
                      _number(row["madds_m"], "M"), cited, f"{row['ms_median']} / {row['ms_min']}", row["reference"],
                      f"{row['reference_ms_median']} / {row['reference_ms_min']}", _ratio(row)]
-            cells += [f"{row['images_per_s']} / {row['reference_images_per_s']}"] if training else []
+            if training:
+                cells.append(f"{row['images_per_s']} / {row['reference_images_per_s']}")
+            else:
+                cells.append(f"{row['gflops']} ({100 * row['gflops'] / peak:.0f}%)" if row.get("gflops") else "—")
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines += [""] * bool(sources) + [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
     return "\n".join(lines)

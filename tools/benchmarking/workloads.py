@@ -18,6 +18,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
@@ -31,12 +32,9 @@ from heads.training.tasks import DetectionTask, SegmentationTask
 from mbbackbones.profile import count_madds, count_params
 
 from .harness import (
-    EAGER_TARGET,
     Contender,
     Workload,
     backbone_workloads,
-    contenders,
-    model_variants,
     published,
 )
 
@@ -47,7 +45,10 @@ TASKS = ("classify", "features", "detect", "segment", "train", "deploy")
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_large_reduced", "lraspp_mbv3_large"
 TORCHVISION_DETECTOR = "torchvision ssdlite320_mobilenet_v3_large"
 TORCHVISION_SEGMENTER = "torchvision lraspp_mobilenet_v3_large ['out']"
-DETECT_TARGET = 0.6  # SSDLite end to end, eager, against torchvision's
+# heads.Predictor on PyTorch, photo in, result out, against torchvision eager (issue 13)
+PREDICT_TARGETS = {"detect": 0.50, "segment": 0.50}
+TRAIN_TARGETS = {"detect": 1.6, "segment": 1.4}  # training images per second, ours over torchvision's
+SEGMENT_MADDS_SIZE = (256, 512)  # LR-ASPP MAdds are counted here and scaled by pixels (its cost is linear in them)
 # deployment runtimes against torchvision eager: the best of each precision should meet these (issue 13)
 DEPLOY_TARGETS = {"detect": {"fp32": 0.25, "int8": 0.20}, "segment": {"fp32": 0.30, "int8": 0.25}}
 FORMATS_TIMED = ("onnx", "openvino", "executorch", "tflite")
@@ -73,8 +74,8 @@ class Settings(NamedTuple):
     budget_s: float  # timed seconds per workload, once three rounds are done
 
 
-FULL = Settings(None, 224, (1, 8), (480, 640), (0.0, 9.0), (((512, 1024), (1, 4)), ((1024, 2048), (1,))), 8,
-                ((512, 1024), 2), ((1024, 2048), (512, 1024)), FORMATS_TIMED, 20, 5, 30.0)
+FULL = Settings(None, 224, (1, 8), (480, 640), (9.0, 0.0), (((1024, 2048), (1,)), ((512, 1024), (1, 4))), 32,
+                ((256, 512), 32), ((1024, 2048), (512, 1024)), FORMATS_TIMED, 20, 5, 30.0)
 QUICK = Settings(("mbv3_large_reduced", "mbv3_small"), 96, (1,), (240, 320), (0.0,), (((128, 256), (1,)),), 2,
                  ((128, 256), 1), ((128, 256),), ("onnx", "openvino"), 3, 1, 1.0)
 
@@ -133,45 +134,104 @@ def as_inputs(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Tenso
                           align_corners=False)[0] for image in images]
 
 
+def photo_at(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB uint8 photo resized to ``size`` (height, width): what a camera or a file decoder hands over."""
+    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+
+
+def to_tensor(photo: np.ndarray) -> Tensor:
+    """A uint8 H x W x 3 photo as torchvision's models take it: a 3 x H x W float tensor in [0, 1]."""
+    return torch.from_numpy(photo).permute(2, 0, 1).float().div(255)
+
+
 def calibrated_pair(images: Sequence[np.ndarray], size=(480, 640),
-                    background_logit: float = 0.0) -> tuple[nn.Module, nn.Module, list[Tensor], str]:
-    """torchvision's SSDLite calibrated on ``images`` (RGB uint8 photos), ours with its weights, the inputs,
-    and their label for the table: sizes and the post-processing load."""
+                    background_logit: float = 0.0) -> tuple[nn.Module, nn.Module, str]:
+    """torchvision's SSDLite calibrated on ``images`` (RGB uint8 photos), ours with its weights, and their label
+    for the table: sizes and the post-processing load."""
     inputs = as_inputs(images, size)
     reference = calibrated_torchvision_detector(inputs, background_logit).eval()
     ours = from_torchvision(DETECTOR, reference)
     with torch.inference_mode():
         scores = ours.forward_batch(ours.resize(inputs[0])[None])[1][0, :, 1:]
-    label = f"{size[1]}x{size[0]} -> 320, {int((scores > ours.score_thresh).sum()):,} candidates"
-    return reference, ours, inputs, label
+    label = f"{size[1]}x{size[0]} photo -> 320, {int((scores > ours.score_thresh).sum()):,} candidates"
+    return reference, ours, label
+
+
+def _detect(reference: nn.Module, photos: Sequence[np.ndarray]):
+    """torchvision's way from photos to detections: tensors in [0, 1], then the model (resize, normalise, NMS)."""
+    return reference([to_tensor(photo) for photo in photos])
+
+
+def _segment(reference: nn.Module, normalize: nn.Module, photos: Sequence[np.ndarray]) -> Tensor:
+    """torchvision's way from photos to class masks: normalised tensors, the model, the argmax of its logits."""
+    return reference(normalize(torch.stack([to_tensor(photo) for photo in photos]))).argmax(1)
+
+
+def predictor_contenders(name: str, model: nn.Module, photos: Sequence[np.ndarray], extra: Sequence[str] = (),
+                         target: float | None = None) -> tuple[Contender, ...]:
+    """``heads.Predictor(model)(photos)`` as a user calls it (fused network, uint8 resize, post-processing), and
+    with ``torch.compile`` when ``extra`` asks for it (its first calls compile, in the warm-up)."""
+    from heads.deploy.predictor import Predictor
+
+    size = dict(params=count_params(model), madds_m=_madds_m(model))
+    variants = {"Predictor": {}, **({"Predictor compiled": {"compile": True}} if "compiled" in extra else {})}
+    return tuple(Contender(name, partial(Predictor(model, batch_size=len(photos), **options), photos, progress=False),
+                           variant=label, target=target if not options else None, **size)
+                 for label, options in variants.items())
+
+
+def _madds_m(model: nn.Module) -> float:
+    """Millions of multiply-adds of the network for one image at the size it is timed at (detection: its own)."""
+    size = (model.size, model.size) if model.task == "detection" else None
+    x = torch.rand(1, 3, *(size or SEGMENT_MADDS_SIZE))
+    network = model.forward_batch if model.task == "detection" else model
+    return round(count_madds(_Call(network), x) / 1e6, 1)
+
+
+class _Call(nn.Module):
+    """A callable as a module, for the flop counter."""
+
+    def __init__(self, call: Callable):
+        super().__init__()
+        self.call = call
+
+    def forward(self, x: Tensor):
+        return self.call(x)
 
 
 def detection_workloads(images: Sequence[np.ndarray], batches=(1, 8), size=(480, 640), background_logits=(0.0,),
                         extra: Sequence[str] = (), warmup: int = 5) -> Iterator[Workload]:
-    """``model(images)`` end to end (resize, normalise, network, decode, NMS) for ``images`` (RGB uint8
-    photos) resized to the original ``size``, which the models then resize to 320x320; one set of rows per
-    score regime (see :func:`calibrated_torchvision_detector`)."""
+    """Photos in, detections out: ``images`` (RGB uint8) at the original ``size``; torchvision converts them to
+    tensors and runs its model, ours are the model's API on the same tensors and ``heads.Predictor`` on the photos;
+    one set of rows per score regime (see :func:`calibrated_torchvision_detector`)."""
     for background_logit in background_logits:
-        reference, ours, images_at_size, label = calibrated_pair(images, size, background_logit)
+        reference, ours, label = calibrated_pair(images, size, background_logit)
+        photos = [photo_at(image, size) for image in images]
         for batch in batches:
-            inputs = [images_at_size[i % len(images_at_size)] for i in range(batch)]
-            yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(reference, inputs),
-                           contenders(DETECTOR, ours, inputs, extra, DETECT_TARGET), published(ENTRIES, DETECTOR),
-                           warmup=warmup)
+            chosen = [photos[i % len(photos)] for i in range(batch)]
+            model = Contender(DETECTOR, partial(_detect, ours, chosen), count_params(ours), _madds_m(ours), "model")
+            yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(_detect, reference, chosen),
+                           (model, *predictor_contenders(DETECTOR, ours, chosen, extra, PREDICT_TARGETS["detect"])),
+                           published(ENTRIES, DETECTOR), warmup=warmup)
 
 
-def segmentation_workloads(shapes=(((512, 1024), (1,)),), extra: Sequence[str] = (),
+def segmentation_workloads(images: Sequence[np.ndarray], shapes=(((512, 1024), (1,)),), extra: Sequence[str] = (),
                            warmup: int = 5) -> Iterator[Workload]:
-    """LR-ASPP logits at full resolution, 19 classes (Cityscapes)."""
+    """Photos in, class masks out, LR-ASPP with 19 classes (Cityscapes); ``images`` (RGB uint8) resized to each
+    shape. Ours: the model's API on the same tensors as torchvision's, and ``heads.Predictor`` on the photos."""
     torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
     ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
     reference = Logits(torchvision, ours.normalize).eval()
     for (height, width), batches in shapes:
         for batch in batches:
-            image = torch.randn(batch, 3, height, width)
-            yield Workload("segment", f"{width}x{height}", batch, TORCHVISION_SEGMENTER, partial(reference, image),
-                           contenders(SEGMENTER, ours, image, extra, EAGER_TARGET), published(ENTRIES, SEGMENTER),
-                           warmup=warmup)
+            photos = [photo_at(images[i % len(images)], (height, width)) for i in range(batch)]
+            target = PREDICT_TARGETS["segment"] if (height, width) == (1024, 2048) else None
+            model = Contender(SEGMENTER, partial(_segment, ours, ours.normalize, photos), count_params(ours),
+                              _madds_m(ours) * height * width / np.prod(SEGMENT_MADDS_SIZE), "model")
+            yield Workload("segment", f"{width}x{height} photo", batch, TORCHVISION_SEGMENTER,
+                           partial(_segment, reference, ours.normalize, photos),
+                           (model, *predictor_contenders(SEGMENTER, ours, photos, extra, target)),
+                           published(ENTRIES, SEGMENTER), warmup=warmup)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, losses: Callable, batch) -> None:
@@ -182,17 +242,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, losses: Calla
     optimizer.step()
 
 
-def _trainer(model: nn.Module, losses: Callable, batch) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-3, momentum=0.9)
+def _trainer(model: nn.Module, losses: Callable, batch, engine: bool) -> Callable[[], None]:
+    """A training step as torchvision's references take it (``engine=False``), or as our engine does: the model in
+    channels-last and a fused optimizer step (``heads.training.engine``)."""
+    if engine:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-3, momentum=0.9, weight_decay=4e-5,
+                                fused=True if engine else None)
     return partial(train_step, model, optimizer, losses, batch)
 
 
 def _training(name: str, ours: nn.Module, reference_name: str, reference: nn.Module, losses: Callable, batch,
-              size: str, extra: Sequence[str], warmup: int) -> Workload:
-    steps = tuple(Contender(name, _trainer(model, losses, batch), count_params(model), None, label)
-                  for label, model in model_variants(ours, extra).items())
-    return Workload("train", size, len(batch[0]), reference_name, _trainer(reference, losses, batch), steps,
-                    training=True, warmup=warmup)
+              size: str, warmup: int, target: float) -> Workload:
+    step = Contender(name, _trainer(ours, losses, batch, engine=True), count_params(ours), None, "engine",
+                     target=target)
+    return Workload("train", size, len(batch[0]), reference_name, _trainer(reference, losses, batch, engine=False),
+                    (step,), training=True, warmup=warmup)
 
 
 def random_targets(count: int, size: int, classes: int = 91, seed: int = 0) -> list[dict[str, Tensor]]:
@@ -208,26 +273,20 @@ def random_targets(count: int, size: int, classes: int = 91, seed: int = 0) -> l
     return targets
 
 
-def training_workloads(detect_batch: int = 8, segment=((512, 1024), 2), extra: Sequence[str] = (),
-                       warmup: int = 2) -> Iterator[Workload]:
-    """One SGD step of SSDLite at 320 (random boxes) and of LR-ASPP (random masks), ours and torchvision's."""
+def training_workloads(detect_batch: int = 32, segment=((256, 512), 32), warmup: int = 2) -> Iterator[Workload]:
+    """One SGD step of SSDLite at 320 (random boxes) and of LR-ASPP (random masks): ours as the training engine
+    runs it, torchvision's as its references do. The targets are on images per second (the inverse ratio)."""
     torchvision = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     batch = ([torch.rand(3, 320, 320) for _ in range(detect_batch)], random_targets(detect_batch, 320))
     yield _training(DETECTOR, from_torchvision(DETECTOR, torchvision), TORCHVISION_DETECTOR, torchvision,
-                    DetectionTask.losses, batch, "320x320", extra, warmup)
+                    DetectionTask.losses, batch, "320x320", warmup, 1 / TRAIN_TARGETS["detect"])
     (height, width), count = segment
     torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
     batch = (torch.randint(0, 256, (count, 3, height, width), dtype=torch.uint8),
              torch.randint(0, 19, (count, height, width)))
     ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
     yield _training(SEGMENTER, ours, TORCHVISION_SEGMENTER, Logits(torchvision, ours.normalize),
-                    SegmentationTask.losses, batch, f"{width}x{height}", extra, warmup)
-
-
-def runtime_detections(model: nn.Module, runtime: Runtime, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-    """SSDLite end to end in a deployment runtime: our resize, the exported graph, our ``select``."""
-    boxes, scores = runtime(torch.stack([model.resize(image) for image in images]))
-    return [model.select(b, s, tuple(image.shape[-2:])) for b, s, image in zip(boxes, scores, images)]
+                    SegmentationTask.losses, batch, f"{width}x{height}", warmup, 1 / TRAIN_TARGETS["segment"])
 
 
 def first_output(runtime: Runtime, images: Tensor) -> Tensor:
@@ -235,20 +294,18 @@ def first_output(runtime: Runtime, images: Tensor) -> Tensor:
 
 
 def runtime_contenders(name: str, model: nn.Module, folder: Path, size, calibration: list[np.ndarray],
-                       run: Callable[[Runtime, object], object], inputs, formats: Sequence[str],
+                       call: Callable[[Path], Callable[[], object]], madds_m: float | None, formats: Sequence[str],
                        targets: dict[str, float] | None = None) -> Iterator[Contender]:
-    """``run(runtime, inputs)`` for ``model`` exported to each of ``formats`` (those installed), fp32 and INT8
-    (calibrated on ``calibration``), in runtimes with torch's thread count; ``targets``: per precision."""
+    """``call(exported file)`` (the work to time) for ``model`` exported to each of ``formats`` (those installed),
+    fp32 and INT8 (calibrated on ``calibration``); ``targets``: per precision."""
     from heads.deploy import runtimes
 
-    sizes = dict(params=count_params(model), madds_m=round(count_madds(model, inputs[:1]) / 1e6, 1))
     for format in formats:
         for precision in ("fp32", "int8"):
             path = runtimes.export(model, folder / f"{name}-{precision}{runtimes.FORMATS[format]}", size=size,
                                    int8=precision == "int8", calibration=calibration)
-            runtime = runtimes.load(path, threads=torch.get_num_threads())
-            yield Contender(name, partial(run, runtime, inputs), variant=f"{format} {precision}",
-                            target=(targets or {}).get(precision), **sizes)
+            yield Contender(name, call(path), count_params(model), madds_m, f"{format} {precision}",
+                            (targets or {}).get(precision))
 
 
 def installed_formats(formats: Sequence[str]) -> list[str]:
@@ -259,43 +316,52 @@ def installed_formats(formats: Sequence[str]) -> list[str]:
 def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224, detect_size=(480, 640),
                          background_logits=(0.0,), segment_sizes=((512, 1024),), formats=FORMATS_TIMED,
                          warmup: int = 5) -> Iterator[Workload]:
-    """Ours in each deployment runtime (fp32, INT8 calibrated on ``images``) against torchvision eager, batch 1:
-    classification, SSDLite end to end (runtime network, our ``select``) per score regime, LR-ASPP logits."""
+    """Ours exported to each deployment runtime (fp32, and INT8 calibrated on ``images``) against torchvision eager,
+    batch 1: classification (the runtime alone), and photos in, results out through ``heads.Predictor`` on the
+    exported file for SSDLite (per score regime) and LR-ASPP, as in :func:`detection_workloads`."""
+    from heads.deploy import runtimes
     from heads.deploy.export import model_input
+    from heads.deploy.predictor import Predictor
 
     formats = installed_formats(formats)
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         name, ours, image = "mbv3_large", timm.create_model("mbv3_large").eval(), torch.rand(1, 3, *[classify_size] * 2)
         calibration = [model_input(ours, photo, classify_size) for photo in images]
-        contenders = tuple(runtime_contenders(name, ours, folder, classify_size, calibration, first_output, image,
-                                              formats))
-        reference = mobilenet_v3_large().eval()
+        madds_m = round(count_madds(ours, image) / 1e6, 1)
+        contenders = tuple(runtime_contenders(
+            name, ours, folder, classify_size, calibration,
+            lambda path: partial(first_output, runtimes.load(path, threads=threads), image), madds_m, formats))
         yield Workload("deploy", f"{classify_size}x{classify_size}", 1, "torchvision mobilenet_v3_large",
-                       partial(reference, normalizer(ours)(image)), contenders,
+                       partial(mobilenet_v3_large().eval(), normalizer(ours)(image)), contenders,
                        published(mbbackbones.ENTRIES, name), warmup=warmup)
 
+        def predicting(photos):
+            return lambda path: partial(Predictor(path, threads=threads), photos, progress=False)
+
         for background_logit in background_logits:
-            reference, ours, inputs, label = calibrated_pair(images, detect_size, background_logit)
-            calibration = [ours.resize(i)[None].numpy() for i in inputs]
-            contenders = tuple(runtime_contenders(DETECTOR, ours, folder, None, calibration,
-                                                  partial(runtime_detections, ours), inputs[:1], formats,
-                                                  DEPLOY_TARGETS["detect"]))
-            yield Workload("deploy", label, 1, TORCHVISION_DETECTOR, partial(reference, inputs[:1]), contenders,
+            reference, ours, label = calibrated_pair(images, detect_size, background_logit)
+            photos = [photo_at(images[0], detect_size)]
+            calibration = [model_input(ours, photo) for photo in images]
+            contenders = tuple(runtime_contenders(DETECTOR, ours, folder, None, calibration, predicting(photos),
+                                                  _madds_m(ours), formats, DEPLOY_TARGETS["detect"]))
+            yield Workload("deploy", label, 1, TORCHVISION_DETECTOR, partial(_detect, reference, photos), contenders,
                            published(ENTRIES, DETECTOR), warmup=warmup)
 
         torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
         ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
         reference = Logits(torchvision, ours.normalize).eval()
         for size in segment_sizes:
-            image = torch.rand(1, 3, *size)
+            photos = [photo_at(images[0], size)]
             calibration = [model_input(ours, photo, size) for photo in images]
             targets = DEPLOY_TARGETS["segment"] if tuple(size) == (1024, 2048) else None
-            contenders = tuple(runtime_contenders(SEGMENTER, ours, folder, size, calibration, first_output, image,
-                                                  formats, targets))
-            yield Workload("deploy", f"{size[1]}x{size[0]}", 1, TORCHVISION_SEGMENTER,
-                           partial(reference, ours.normalize(image)), contenders, published(ENTRIES, SEGMENTER),
-                           warmup=warmup)
+            madds_m = _madds_m(ours) * size[0] * size[1] / np.prod(SEGMENT_MADDS_SIZE)
+            contenders = tuple(runtime_contenders(SEGMENTER, ours, folder, size, calibration, predicting(photos),
+                                                  madds_m, formats, targets))
+            yield Workload("deploy", f"{size[1]}x{size[0]} photo", 1, TORCHVISION_SEGMENTER,
+                           partial(_segment, reference, ours.normalize, photos), contenders,
+                           published(ENTRIES, SEGMENTER), warmup=warmup)
 
 
 def op_breakdown(runtime: Runtime, images: Tensor, repeats: int = 10) -> list[tuple[str, float]]:
@@ -346,11 +412,51 @@ def workloads(tasks: Sequence[str], settings: Settings, images: Sequence[np.ndar
         yield from detection_workloads(images, settings.batches, settings.detect_size, settings.background_logits,
                                        **common)
     if "segment" in tasks:
-        yield from segmentation_workloads(settings.segment_shapes, **common)
+        yield from segmentation_workloads(images, settings.segment_shapes, **common)
     if "train" in tasks:
-        yield from training_workloads(settings.train_detect_batch, settings.train_segment, extra,
-                                      min(settings.warmup, 2))
+        yield from training_workloads(settings.train_detect_batch, settings.train_segment, min(settings.warmup, 2))
     if "deploy" in tasks:
         yield from deployment_workloads(images, settings.classify_size, settings.detect_size,
                                         settings.background_logits, settings.deploy_segment, settings.deploy_formats,
                                         settings.warmup)
+
+
+def targets_table(result: dict) -> str:
+    """The headline: each speed target of the project (PyTorch predictor, best deployed runtime per precision,
+    training throughput) with the measured ratio to torchvision in the same run; '—' where the run lacks the row."""
+    rows = result["rows"]
+    detect = [r for r in rows if r["task"] == "detect" and r["batch"] == 1 and r["variant"] == "Predictor"]
+    confident = min((r["input"] for r in detect), default=None,
+                    key=lambda label: int(label.split(", ")[-1].split()[0].replace(",", "")))
+    columns = {"detect": (confident, DETECTOR), "segment": ("2048x1024 photo", SEGMENTER)}
+
+    def cell(candidates: list[dict], target: float, better: str = "lower") -> str:
+        if not candidates:
+            return "—"
+        if better == "lower":
+            best = min(candidates, key=lambda r: r["ratio"])
+            verdict = "meets" if best["ratio"] <= target else "misses"
+            return f"{best['ratio']}x ({best['ms_median']} ms, {best['variant']}; {verdict} ≤ {target}x)"
+        best = max(candidates, key=lambda r: r["images_per_s"] / r["reference_images_per_s"])
+        gain = round(best["images_per_s"] / best["reference_images_per_s"], 2)
+        verdict = "meets" if gain >= target else "misses"
+        return f"{gain}x ({best['images_per_s']} vs {best['reference_images_per_s']} img/s; {verdict} ≥ {target}x)"
+
+    def matching(task: str, key: str, variant=lambda v: True) -> list[dict]:
+        label, model = columns[key]
+        return [r for r in rows if r["task"] == task and r["input"] == label and r["batch"] == 1
+                and variant(r["variant"]) and r["model"] == model]
+
+    lines = [f"| path | SSDLite 320, {confident or '640x480 photo'} | LR-ASPP 19 classes, 2048x1024 photo |",
+             "|---|---|---|",
+             "| `heads.Predictor` on PyTorch | " + " | ".join(
+                 cell(matching(key, key, lambda v: v == "Predictor"), PREDICT_TARGETS[key]) for key in columns) + " |"]
+    for precision in ("fp32", "int8"):
+        cells = [cell(matching("deploy", key, lambda v, p=precision: v.endswith(p)), DEPLOY_TARGETS[key][precision])
+                 for key in columns]
+        lines.append(f"| best deployed runtime, {precision} | " + " | ".join(cells) + " |")
+    train = {key: [r for r in rows if r["task"] == "train" and r["model"] == columns[key][1]] for key in columns}
+    batch = next((r["batch"] for r in rows if r["task"] == "train"), "")
+    lines.append(f"| training step, batch {batch} (img/s) | " + " | ".join(
+        cell(train[key], TRAIN_TARGETS[key], "higher") for key in columns) + " |")
+    return "\n".join(lines)
