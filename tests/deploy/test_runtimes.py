@@ -301,11 +301,10 @@ def test_export_tool_fails_beyond_the_tolerance(weights, tmp_path, capsys, monke
 
 
 def test_export_tool_calibrates_on_the_runs_validation_images(tmp_path, capsys, monkeypatch):
+    from heads.segmentation.builtin import builtin_cityscapes
     from heads.training.config import make_config
     from heads.training.engine import Trainer
     from heads.training.tasks import get_task
-
-    from heads.segmentation.builtin import builtin_cityscapes
 
     monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path / "data"))
     builtin_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))  # the run's own data

@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms
 
 import heads
 from heads.assets import SAMPLE_IMAGES
-from heads.detection.ssdlite import greedy_nms
+from heads.detection.ssdlite import greedy_nms, select_detections
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.profile import count_madds, count_params
 
@@ -43,16 +43,19 @@ def torchvision_pair(tmp_path_factory):
     return reference, ours, images + [torch.rand(3, 300, 200)], path
 
 
+def same_detections(expected: dict, actual: dict) -> bool:
+    """The same set of detections; float noise may swap the order of near-equal scores."""
+    rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
+    distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
+    return len(actual["boxes"]) == len(expected["boxes"]) > 0 and bool(
+        distance.min(1).values.max() <= 1e-4 and distance.min(0).values.max() <= 1e-4)
+
+
 def test_torchvision_checkpoint_gives_the_same_detections(torchvision_pair):
     reference, ours, images, _ = torchvision_pair
     with torch.no_grad():
         expected, actual = reference(images), ours(images)
-    for e, a in zip(expected, actual):
-        assert len(e["boxes"]) == len(a["boxes"]) > 0
-        # the same set of detections; float noise may swap the order of near-equal scores
-        rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
-        distance = torch.cdist(rows(a), rows(e), p=float("inf"))
-        assert distance.min(1).values.max() <= 1e-4 and distance.min(0).values.max() <= 1e-4
+    assert all(same_detections(e, a) for e, a in zip(expected, actual))
 
 
 def test_torchvision_checkpoint_gives_the_same_losses(torchvision_pair):
@@ -112,14 +115,14 @@ def test_any_backbone_through_the_config():
     assert boxes.shape == (2, 3234, 4) and scores.shape == (2, 3234, 3)
 
 
-def test_forward_batch_matches_eval_path(torchvision_pair):
-    _, ours, images, _ = torchvision_pair
-    image = torch.nn.functional.interpolate(images[0][None], size=(320, 320), mode="bilinear")[0]
+def test_forward_batch_and_select_give_torchvisions_detections(torchvision_pair):
+    """The export path (plain tensors out, then ``select_detections``, as the predictors run it) against torchvision."""
+    reference, ours, images, _ = torchvision_pair
     with torch.no_grad():
-        boxes, scores = ours.forward_batch(image[None])
-        expected = ours.select(boxes[0], scores[0], (320, 320))
-        actual = ours([image])[0]
-    assert torch.equal(expected["boxes"], actual["boxes"])
+        for image, expected in zip(images, reference(images)):
+            boxes, scores = ours.forward_batch(ours.resize(image)[None])
+            actual = select_detections(boxes[0], scores[0], tuple(image.shape[-2:]), ours.size, **ours.postprocess)
+            assert same_detections(expected, actual)
 
 
 def test_torchscript_matches_eager(torchvision_pair):

@@ -1,4 +1,6 @@
 """Evaluation and inference tools, in-process, on runs trained for two steps on the built-in datasets."""
+import contextlib
+import io
 import json
 import shutil
 
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.cocoeval import COCOeval
 
 from heads.cli import eval_det_main, eval_seg_main, infer_main
 from heads.deploy.predictor import load_model
@@ -14,7 +17,7 @@ from heads.detection.coco import CocoDetection
 from heads.detection.evaluate import load_results
 from heads.segmentation.builtin import builtin_cityscapes
 from heads.segmentation.cityscapes import PALETTE, Cityscapes
-from heads.segmentation.evaluate import PREDICTION_SUFFIX
+from heads.segmentation.evaluate import PREDICTION_SUFFIX, official_scores
 from heads.training.config import make_config
 from heads.training.engine import Trainer
 from heads.training.tasks import get_task
@@ -74,8 +77,12 @@ def test_eval_det_writes_results_that_rescore_the_same(det_run, tmp_path, capsys
     results = load_results(out / "detections.json")
     assert {r["image_id"] for r in results} <= set(CocoDetection(builtin_coco(), "val2017").image_ids[:4])
 
-    rescored = eval_det_main(["--results", str(out / "detections.json"), *common])
-    assert rescored.stats == metrics.stats
+    coco = CocoDetection(builtin_coco(), "val2017").coco  # pycocotools itself on the written file: the same numbers
+    official = COCOeval(coco, coco.loadRes(str(out / "detections.json")), "bbox")
+    official.params.imgIds = coco.getImgIds()[:4]
+    with contextlib.redirect_stdout(io.StringIO()):
+        official.evaluate(), official.accumulate(), official.summarize()
+    assert list(metrics.stats.values()) == pytest.approx(official.stats.tolist(), abs=1e-12)
     faster = eval_det_main(["--results", str(out / "detections.json"), *common, "--scorer", "faster_coco_eval"])
     assert faster.stats == pytest.approx(metrics.stats, abs=1e-9)
 
@@ -104,17 +111,20 @@ def test_eval_seg_writes_predictions_that_rescore_the_same(seg_run, tmp_path, ca
     assert sorted(p.name for p in (out / "predictions").glob("*.png")) == [s + PREDICTION_SUFFIX for s in stems]
     assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == pytest.approx(metrics.miou)
 
+    dataset = Cityscapes(builtin_cityscapes(), "val")
+    official = official_scores(sorted((out / "predictions").glob("*.png")), [label for _, label in dataset.files[:2]])
+    assert official["miou"] == pytest.approx(metrics.miou, abs=1e-6)  # cityscapesScripts on the written files
     rescored = eval_seg_main(["--predictions", str(out / "predictions"), "--builtin", "--limit", "2",
                               "--out", str(tmp_path / "rescored")])
-    assert rescored.miou == pytest.approx(metrics.miou, abs=1e-12)
-    assert (rescored.confusion == metrics.confusion).all()
-    assert (tmp_path / "rescored" / "confusion.png").is_file()
+    assert (rescored.confusion == metrics.confusion).all() and (tmp_path / "rescored" / "confusion.png").is_file()
 
 
-def test_eval_seg_slide_flip_scales(seg_run, capsys):
+def test_eval_seg_slide_flip_scales_run(seg_run, capsys):
+    """(What sliding windows, flips and scales compute: tests/segmentation/test_inference.py.)"""
     metrics = eval_seg_main(["--weights", str(seg_run), "--builtin", "--limit", "1", "--mode", "slide",
                              "--crop", "128", "256", "--stride", "96", "192", "--flip", "--scales", "0.75", "1"])
-    assert metrics.confusion.sum() > 0 and "mean" in capsys.readouterr().out
+    assert metrics.confusion.sum() == 256 * 512 - (Cityscapes(builtin_cityscapes(), "val")[0][1] == 255).sum()
+    assert "mean" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("run, task", [("det_run", "detection"), ("seg_run", "segmentation")])
