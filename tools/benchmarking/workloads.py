@@ -76,7 +76,7 @@ class Settings(NamedTuple):
 
 FULL = Settings(None, 224, (1, 8), (480, 640), (9.0, 0.0), (((1024, 2048), (1,)), ((512, 1024), (1, 4))), 32,
                 ((256, 512), 32), ((1024, 2048), (512, 1024)), FORMATS_TIMED, 20, 5, 30.0)
-QUICK = Settings(("mbv3_large_reduced", "mbv3_small"), 96, (1,), (240, 320), (0.0,), (((128, 256), (1,)),), 2,
+QUICK = Settings(("mbv3_large_reduced", "mbv3_small"), 96, (1,), (240, 320), (9.0,), (((128, 256), (1,)),), 2,
                  ((128, 256), 1), ((128, 256),), ("onnx", "openvino"), 3, 1, 1.0)
 
 
@@ -136,7 +136,7 @@ def as_inputs(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[Tenso
 
 def photo_at(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """An RGB uint8 photo resized to ``size`` (height, width): what a camera or a file decoder hands over."""
-    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
 
 
 def to_tensor(photo: np.ndarray) -> Tensor:
