@@ -83,13 +83,19 @@ def default_data_root() -> Path:
 def unwrap_worker_errors(batches: Iterable) -> Iterator:
     """Iterate ``batches`` (a DataLoader); a ``DataError`` raised in a worker process is re-raised with its own
     one-line message instead of torch's "Caught DataError in DataLoader worker process N. Original Traceback ..."
-    text. Other exceptions, and ``DataError`` raised in this process, pass unchanged."""
+    text. Other exceptions, and ``DataError`` raised in this process, pass unchanged.
+
+    The replacement is raised without the worker's exception as its context: that one's traceback holds the
+    DataLoader's iterator, whose workers must be shut down now, not whenever the error is collected (torch's SIGCHLD
+    handler checks on them until then, and crashes the process when a later child process exits)."""
     try:
         yield from batches
+        return
     except DataError as error:
         message = str(error)
         name = type(error).__name__
         last_line = f"\n{type(error).__module__}.{type(error).__qualname__}: "  # traceback's final line
         if not message.startswith(f"Caught {name} in DataLoader worker") or last_line not in message:
             raise
-        raise type(error)(message.rsplit(last_line, 1)[1].rstrip("\n")) from None
+        replacement = type(error)(message.rsplit(last_line, 1)[1].rstrip("\n"))
+    raise replacement

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
@@ -11,6 +12,19 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _default_sigchld():
+    """Each test starts with the default SIGCHLD disposition. A DataLoader with workers leaves torch's SIGCHLD handler
+    installed for the life of the process; after the deployment runtimes have run in the same process, a later child
+    process's exit then crashes the interpreter (seen here: a segfault in an unrelated test's subprocess call)."""
+    from torch.utils.data._utils import signal_handling
+
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal_handling._SIGCHLD_handler_set = False  # the next DataLoader with workers installs it again
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
