@@ -14,9 +14,16 @@ from pathlib import Path
 from mbbackbones.choices import ArgumentError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes in one line as every other input error of the tools (no usage block above)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(description: str):
     """A parser with --model and --device, and a required group holding --weights (tools add alternatives)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = Parser(description=description)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="a training run folder (its best.pt), a weights file, an exported file "
                                           "(.onnx, .xml, .pte, .tflite) or a registered name (published weights)")
@@ -85,7 +92,7 @@ def train_main(argv: list[str] | None = None, task: str = "detection"):
     from .training.engine import run_training
     from .training.tasks import get_task
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=f"Train a {task} model. Any config key can be given as --key value (or --key=value), after the "
                     "config file's values.", epilog="config keys:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +227,7 @@ def _eval_seg(args):
 
 def infer_main(argv: list[str] | None = None) -> list:
     """``tools/infer.py``: predict on images, write a picture per image and the results; returns the results."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Predict with a detector or segmenter on images, folders or globs: a picture per image, plus "
                     "detections.json (COCO results) or label-id PNGs, in --out.")
     parser.add_argument("--weights", required=True,
