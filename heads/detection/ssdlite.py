@@ -238,12 +238,21 @@ def select_detections(boxes: Tensor, scores: Tensor, original_size: Tuple[int, i
     """One image's detections from decoded boxes [A, 4] (xyxy, ``size`` x ``size`` pixels) and class probabilities
     [A, C]: per-class top-k over the threshold, one batched NMS, boxes rescaled to ``original_size`` (H, W).
 
-    Same result as torchvision's per-class loop, without the loop.
+    Same result as torchvision's per-class loop, without the loop. Anchors with no class over the threshold cannot
+    contribute and are dropped first, so a confident detector's few candidates cost little.
     """
-    per_class = scores[:, 1:].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
-    top_scores, anchor_index = per_class.topk(min(topk_candidates, per_class.shape[1]), dim=1)
-    label, rank = (top_scores > score_thresh).nonzero().unbind(1)
-    candidates, candidate_scores, labels = boxes[anchor_index[label, rank]], top_scores[label, rank], label + 1
+    foreground = scores[:, 1:]
+    anchors = (foreground.amax(1) > score_thresh).nonzero().squeeze(1)
+    per_class = foreground[anchors].t().contiguous()  # class-major, like torchvision's loop (same order for ties)
+    above = per_class > score_thresh
+    if anchors.numel() and int(above.sum(1).max()) > topk_candidates:  # a class over its top-k: keep its best k
+        top_scores, anchor_index = per_class.topk(topk_candidates, dim=1)
+        label, rank = (top_scores > score_thresh).nonzero().unbind(1)
+        index, candidate_scores = anchor_index[label, rank], top_scores[label, rank]
+    else:  # every class's candidates are within its top-k
+        label, index = above.nonzero().unbind(1)
+        candidate_scores = per_class[label, index]
+    candidates, labels = boxes[anchors[index]], label + 1
     kept = greedy_nms(candidates, candidate_scores, labels, nms_thresh, detections_per_img)
     height, width = original_size
     scale = torch.tensor([width / size, height / size], dtype=boxes.dtype, device=boxes.device).repeat(2)
@@ -257,11 +266,11 @@ def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
     candidates keeps exactly the first survivors of NMS over all of them: grow ``n`` until
     enough survive instead of suppressing among tens of thousands of low-score boxes.
     """
-    count = 3 * keep  # <= 1000 boxes: batched_nms's single-call path on CPU
+    count = keep + keep // 2  # NMS costs the square of its boxes: start near what survives, grow if too few do
     best = scores.topk(min(count, scores.numel())).indices
     kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
     while kept.numel() < keep and best.numel() < scores.numel():
-        count *= 4
+        count *= 3
         best = scores.topk(min(count, scores.numel())).indices
         kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
     return best[kept[:keep]]
