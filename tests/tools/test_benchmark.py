@@ -75,6 +75,7 @@ def test_segmentation_rows_give_torchvisions_masks():
         expected = workload.reference_call()
         assert expected.shape == (1, *QUICK.segment_shapes[0][0])
         model, predictor = workload.contenders
+        assert predictor.madds_m == model.madds_m == pytest.approx(3950 * 128 * 256 / (1024 * 512), rel=0.01)
         assert torch.equal(model.call(), expected)
         assert (masks(predictor.call()) == expected).float().mean() > 0.99
 
@@ -126,6 +127,7 @@ def test_quick_benchmark_runs(tmp_path):
                              "--channels-last", "--json", str(out)], capture_output=True, text=True, check=True)
     assert "### detect" in result.stdout and "| mbv3_small | eager | 96x96 | 1 |" in result.stdout
     assert "| `heads.Predictor` on PyTorch |" in result.stdout and "GFLOP/s (% of sgemm peak)" in result.stdout
+    assert "| best deployed runtime, fp32 | 0." in result.stdout  # the deploy rows share the detect rows' label
     rows = json.loads(out.read_text())["rows"]
     expected = {("classify", "mbv3_large_reduced"), ("features", "mbv3_large_reduced"), ("classify", "mbv3_small"),
                 ("detect", "ssdlite320_mbv3_large_reduced"), ("segment", "lraspp_mbv3_large"),

@@ -111,7 +111,9 @@ def calibrated_torchvision_detector(images: list[Tensor], background_logit: floa
     nearly all 3234 x 90 anchor-class pairs pass the 0.001 score threshold. A trained detector is
     confident about background and passes far fewer; ``background_logit`` (e.g. 9) emulates that.
     """
-    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+    with torch.random.fork_rng():  # the same network in every workload, so their rows share one label
+        torch.manual_seed(0)
+        model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     recalibrate_bn(model, [images], _TorchvisionDetection, "cpu", batches=1)
     scores = model.head.classification_head
     with torch.no_grad():
@@ -167,13 +169,14 @@ def _segment(reference: nn.Module, normalize: nn.Module, photos: Sequence[np.nda
     return reference(normalize(torch.stack([to_tensor(photo) for photo in photos]))).argmax(1)
 
 
-def predictor_contenders(name: str, model: nn.Module, photos: Sequence[np.ndarray], extra: Sequence[str] = (),
-                         target: float | None = None) -> tuple[Contender, ...]:
+def predictor_contenders(name: str, model: nn.Module, photos: Sequence[np.ndarray], madds_m: float,
+                         extra: Sequence[str] = (), target: float | None = None) -> tuple[Contender, ...]:
     """``heads.Predictor(model)(photos)`` as a user calls it (fused network, uint8 resize, post-processing), and
-    with ``torch.compile`` when ``extra`` asks for it (its first calls compile, in the warm-up)."""
+    with ``torch.compile`` when ``extra`` asks for it (its first calls compile, in the warm-up); ``madds_m``: the
+    network's millions of multiply-adds per image at the size it runs."""
     from heads.deploy.predictor import Predictor
 
-    size = dict(params=count_params(model), madds_m=_madds_m(model))
+    size = dict(params=count_params(model), madds_m=madds_m)
     variants = {"Predictor": {}, **({"Predictor compiled": {"compile": True}} if "compiled" in extra else {})}
     return tuple(Contender(name, partial(Predictor(model, batch_size=len(photos), **options), photos, progress=False),
                            variant=label, target=target if not options else None, **size)
@@ -209,9 +212,11 @@ def detection_workloads(images: Sequence[np.ndarray], batches=(1, 8), size=(480,
         photos = [photo_at(image, size) for image in images]
         for batch in batches:
             chosen = [photos[i % len(photos)] for i in range(batch)]
-            model = Contender(DETECTOR, partial(_detect, ours, chosen), count_params(ours), _madds_m(ours), "model")
+            madds_m = _madds_m(ours)
+            model = Contender(DETECTOR, partial(_detect, ours, chosen), count_params(ours), madds_m, "model")
             yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(_detect, reference, chosen),
-                           (model, *predictor_contenders(DETECTOR, ours, chosen, extra, PREDICT_TARGETS["detect"])),
+                           (model, *predictor_contenders(DETECTOR, ours, chosen, madds_m, extra,
+                                                         PREDICT_TARGETS["detect"])),
                            published(ENTRIES, DETECTOR), warmup=warmup)
 
 
@@ -226,11 +231,12 @@ def segmentation_workloads(images: Sequence[np.ndarray], shapes=(((512, 1024), (
         for batch in batches:
             photos = [photo_at(images[i % len(images)], (height, width)) for i in range(batch)]
             target = PREDICT_TARGETS["segment"] if (height, width) == (1024, 2048) else None
-            model = Contender(SEGMENTER, partial(_segment, ours, ours.normalize, photos), count_params(ours),
-                              _madds_m(ours) * height * width / np.prod(SEGMENT_MADDS_SIZE), "model")
+            madds_m = _madds_m(ours) * height * width / np.prod(SEGMENT_MADDS_SIZE)
+            model = Contender(SEGMENTER, partial(_segment, ours, ours.normalize, photos), count_params(ours), madds_m,
+                              "model")
             yield Workload("segment", f"{width}x{height} photo", batch, TORCHVISION_SEGMENTER,
                            partial(_segment, reference, ours.normalize, photos),
-                           (model, *predictor_contenders(SEGMENTER, ours, photos, extra, target)),
+                           (model, *predictor_contenders(SEGMENTER, ours, photos, madds_m, extra, target)),
                            published(ENTRIES, SEGMENTER), warmup=warmup)
 
 
