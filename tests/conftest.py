@@ -27,6 +27,14 @@ def _default_sigchld():
         signal_handling._SIGCHLD_handler_set = False  # the next DataLoader with workers installs it again
 
 
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    """Built-in datasets written under a temporary MBBACKBONES_DATA for one test module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
+        yield
+
+
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial BN statistics and affine parameters, so that parity tests exercise them."""
     with torch.no_grad():

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from mbbackbones.choices import check_choice
 
@@ -15,6 +15,13 @@ from .config import ConfigError, TrainConfig
 from .engine import Distributed, unwrap
 
 PICTURES = 4  # validation images drawn into TensorBoard at each evaluation
+
+
+@torch.no_grad()
+def first_pictures(model: nn.Module, dataset, draw) -> list[np.ndarray]:
+    """``draw(image)`` (an RGB picture) for each of the first PICTURES validation images, the model in eval mode."""
+    model.eval()
+    return [np.asarray(draw(dataset[index][0])) for index in range(min(PICTURES, len(dataset)))]
 
 
 def _moved(targets, device):
@@ -139,20 +146,16 @@ class DetectionTask(Task):
         return env.broadcast(metrics.stats if metrics is not None else None)
 
     @staticmethod
-    @torch.no_grad()
     def pictures(model: nn.Module, dataset, device) -> list[np.ndarray]:
         """The first validation images with the model's detections scoring 0.3 or more drawn on them."""
         from ..visualize import draw_detections
 
-        model.eval()
-        pictures = []
-        for index in range(min(PICTURES, len(dataset))):
-            image, _ = dataset[index]
+        def draw(image: Tensor):
             detections = model([image.to(device)])[0]
             photo = (image * 255).round().byte().permute(1, 2, 0).numpy()
-            pictures.append(np.asarray(draw_detections(photo, **{k: v.cpu() for k, v in detections.items()},
-                                                       class_names=dataset.class_names)))
-        return pictures
+            return draw_detections(photo, **{k: v.cpu() for k, v in detections.items()},
+                                   class_names=dataset.class_names)
+        return first_pictures(model, dataset, draw)
 
 
 class SegmentationTask(Task):
@@ -217,19 +220,15 @@ class SegmentationTask(Task):
                 "pixel_accuracy": metrics.pixel_accuracy}
 
     @staticmethod
-    @torch.no_grad()
     def pictures(model: nn.Module, dataset, device) -> list[np.ndarray]:
         """The first validation images with the predicted classes overlaid in their Cityscapes colours."""
         from ..segmentation.cityscapes import PALETTE
         from ..visualize import overlay_mask
 
-        model.eval()
-        pictures = []
-        for index in range(min(PICTURES, len(dataset))):
-            image, _ = dataset[index]
+        def draw(image: Tensor):
             mask = model(model.normalize(image[None].to(device)))[0].argmax(0).cpu().numpy()
-            pictures.append(np.asarray(overlay_mask(image.permute(1, 2, 0).numpy(), mask, PALETTE)))
-        return pictures
+            return overlay_mask(image.permute(1, 2, 0).numpy(), mask, PALETTE)
+        return first_pictures(model, dataset, draw)
 
 
 TASKS = {"detection": DetectionTask, "segmentation": SegmentationTask}

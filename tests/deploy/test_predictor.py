@@ -18,11 +18,7 @@ from heads.detection.coco import CocoDetection
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
+pytestmark = pytest.mark.usefixtures("data_home")  # built-in sets written under a temporary folder
 
 
 @pytest.fixture(scope="module")

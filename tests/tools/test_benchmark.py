@@ -33,7 +33,8 @@ def test_feature_rows_compare_equal_extractors(name):
 
 def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4) -> bool:
     """The same set of detections, but for near-ties at the 300-detection cut-off (float noise decides those)."""
-    cutoff = expected["scores"][-1] + tolerance
+    full = len(expected["scores"]) == 300  # otherwise no detection was cut, and every one must match
+    cutoff = expected["scores"][-1] + tolerance if full else -1.0
     rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
     distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
     return bool(distance.min(1).values[actual["scores"] > cutoff].max() <= tolerance and

@@ -21,11 +21,7 @@ TINY = dict(model="ssdlite320_mbv3_small_reduced", model_kwargs={"size": 160}, b
             log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
+pytestmark = pytest.mark.usefixtures("data_home")  # built-in sets written under a temporary folder
 
 
 @pytest.fixture(scope="module")

@@ -210,9 +210,9 @@ def detection_workloads(images: Sequence[np.ndarray], batches=(1, 8), size=(480,
     for background_logit in background_logits:
         reference, ours, label = calibrated_pair(images, size, background_logit)
         photos = [photo_at(image, size) for image in images]
+        madds_m = _madds_m(ours)
         for batch in batches:
             chosen = [photos[i % len(photos)] for i in range(batch)]
-            madds_m = _madds_m(ours)
             model = Contender(DETECTOR, partial(_detect, ours, chosen), count_params(ours), madds_m, "model")
             yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(_detect, reference, chosen),
                            (model, *predictor_contenders(DETECTOR, ours, chosen, madds_m, extra,
