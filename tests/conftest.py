@@ -35,6 +35,17 @@ def data_home(tmp_path_factory):
         yield
 
 
+def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit: int | None = None) -> bool:
+    """The same set of detections (label, score and box within ``tolerance``): float noise may swap the order of
+    near-equal scores. ``limit``: the detections-per-image cap; where ``expected`` reaches it, near-ties at the
+    cut-off (float noise decides those) are not compared."""
+    cutoff = expected["scores"][-1] + tolerance if limit is not None and len(expected["scores"]) == limit else -1.0
+    rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
+    distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
+    return bool(distance.min(1).values[actual["scores"] > cutoff].max() <= tolerance and
+                distance.min(0).values[expected["scores"] > cutoff].max() <= tolerance)
+
+
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial BN statistics and affine parameters, so that parity tests exercise them."""
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS
 from benchmarking.workloads import QUICK, deployment_workloads, detection_workloads, segmentation_workloads
+from conftest import same_detections
 
 from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
@@ -29,16 +30,6 @@ def test_counterparts_are_the_same_architecture(name):
 def test_feature_rows_compare_equal_extractors(name):
     ours = timm.create_model(name, features_only=True)
     assert count_params(ours) == count_params(FEATURE_ROWS[name][1]())
-
-
-def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4) -> bool:
-    """The same set of detections, but for near-ties at the 300-detection cut-off (float noise decides those)."""
-    full = len(expected["scores"]) == 300  # otherwise no detection was cut, and every one must match
-    cutoff = expected["scores"][-1] + tolerance if full else -1.0
-    rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
-    distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
-    return bool(distance.min(1).values[actual["scores"] > cutoff].max() <= tolerance and
-                distance.min(0).values[expected["scores"] > cutoff].max() <= tolerance)
 
 
 def as_dicts(results) -> list[dict]:
@@ -62,12 +53,12 @@ def test_detection_rows_give_torchvisions_detections():
         assert len(torch.unique(expected[0]["scores"])) > 100  # no ties from a collapsed network
         model, predictor = workload.contenders
         assert (model.variant, predictor.variant, predictor.target) == ("model", "Predictor", 0.5)
-        assert all(same_detections(e, a) for e, a in zip(expected, model.call()))  # the same tensors in
+        assert all(same_detections(e, a, limit=300) for e, a in zip(expected, model.call()))  # the same tensors in
         ours, photos = model.call.args
         for photo, actual in zip(photos, as_dicts(predictor.call())):  # the photo resized once, in uint8
             batch = F.interpolate(torch.from_numpy(photo).permute(2, 0, 1)[None], size=(320, 320), mode="bilinear")
             boxes, scores = ours.forward_batch(batch.float() / 255)
-            assert same_detections(ours.select(boxes[0], scores[0], photo.shape[:2]), actual)
+            assert same_detections(ours.select(boxes[0], scores[0], photo.shape[:2]), actual, limit=300)
 
 
 @torch.inference_mode()
