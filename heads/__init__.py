@@ -22,7 +22,7 @@ _LAZY = {  # public name -> the module that defines it
     "Detections": "heads.deploy.predictor",
     "Segmentation": "heads.deploy.predictor",
     "fuse": "heads.deploy.predictor",
-    "train": "heads.training.engine",
+    "train": "heads.training.launch",
     "Run": "heads.training.run",
     "TrainConfig": "heads.training.config",
     "load_config": "heads.training.config",

@@ -89,7 +89,7 @@ def _write_json(path: Path | None, metrics) -> None:
 def train_main(argv: list[str] | None = None, task: str = "detection"):
     """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the ``Run``."""
     from .training.config import ConfigError, describe_fields, load_config
-    from .training.engine import run_training
+    from .training.launch import run_training
     from .training.tasks import get_task
 
     parser = Parser(
@@ -102,7 +102,7 @@ def train_main(argv: list[str] | None = None, task: str = "detection"):
     args, overrides = parser.parse_known_args(argv)
 
     def body():
-        cfg = load_config(args.config, overrides, task=task, **get_task(task).defaults)
+        cfg = load_config(args.config, overrides, task=task)
         if cfg.task != task:
             raise ConfigError(f"{args.config}: task is {cfg.task}; this tool trains {task} models (use "
                               f"{get_task(cfg.task).tool})")
@@ -157,7 +157,7 @@ def _eval_det(args):
 
 
 def _device(args):
-    from .deploy.predictor import resolve_device
+    from .devices import resolve_device
 
     return resolve_device(args.device)
 
@@ -320,7 +320,8 @@ def _export(args) -> list[Path]:
     from .backbone import create_backbone
     from .data import read_image
     from .deploy import export, runtimes
-    from .deploy.predictor import load_model, resolve_device
+    from .deploy.predictor import load_model
+    from .devices import resolve_device
 
     if args.size is not None and len(args.size) > 2:
         raise ArgumentError(f"--size takes S or H W, got {len(args.size)} numbers")

@@ -27,19 +27,13 @@ from mbbackbones.choices import ArgumentError
 
 from .. import registry
 from ..data import DataError, read_image
+from ..devices import resolve_device
 from ..files import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RUN_CHECKPOINTS = ("best.pt", "last.pt")  # a run folder's weights, in order of preference
 DRAW_SCORE = 0.3  # detections drawn by Result.plot when the predictor keeps the model's low threshold
 MAX_PIXELS = 2048 * 2048  # larger images are segmented at this size and the mask scaled back
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # -- results -------------------------------------------------------------------------------------------------------

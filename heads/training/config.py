@@ -150,15 +150,29 @@ def _unknown(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r}.{did_you_mean(key, FIELDS)} Valid keys: {', '.join(FIELDS)}")
 
 
+# Each task's recipe: the TrainConfig values that differ from the field defaults (torchvision's SSDLite recipe).
+# Segmentation follows mmsegmentation's LR-ASPP Cityscapes schedule: SGD 0.01 per 16 images, poly decay, 512x1024
+# crops.
+RECIPES = {
+    "detection": {},
+    "segmentation": dict(model="lraspp_mbv3_large", dataset="builtin", train_split="train", val_split="val",
+                         augment="default", lr=0.01, lr_batch=16, weight_decay=4e-5, scheduler="poly", warmup_steps=0,
+                         batch_size=4, epochs=1721, output="runs/segmentation"),
+}
+
+
 def make_config(values: dict, source: str | dict[str, str] = "config") -> TrainConfig:
-    """A validated ``TrainConfig`` from a mapping of field names to values; ``source`` names where the values came
-    from, for the error messages (one name, or one per key)."""
+    """A validated ``TrainConfig`` from a mapping of field names to values, over the recipe of its task
+    (:data:`RECIPES`); ``source`` names where the values came from, for the error messages (one name, or one per
+    key)."""
     def where(key: str) -> str:
         return source.get(key, "config") if isinstance(source, dict) else source
 
     for key in values:
         if key not in FIELDS:
             raise _unknown(key, where(key))
+    task = check_value("task", values.get("task", FIELDS["task"].default), where("task"))
+    values = {**RECIPES[task], **values}
     return TrainConfig(**{key: check_value(key, value, where(key)) for key, value in values.items()})
 
 

@@ -1,7 +1,9 @@
-"""One training engine for detection and segmentation: DDP, AMP, EMA, exact resume, run folders, logs and plots.
+"""The training loop shared by detection and segmentation: DDP, AMP, EMA, exact resume, run folders, logs and
+plots.
 
 A task (``heads.training.tasks``) supplies the model, datasets, collate function, loss and evaluation; the
-engine owns everything else. Runs under ``torchrun`` unchanged (one process per device).
+engine owns everything else. Runs under ``torchrun`` unchanged (one process per device); its entry points are in
+``heads.training.launch``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -24,9 +25,10 @@ from mbbackbones.checkpoint import CheckpointError, load_file
 
 from ..data import sample_seed, unwrap_worker_errors
 from ..files import atomic_write
-from .config import ConfigError, TrainConfig, load_config, read_yaml, to_dict
+from .config import ConfigError, TrainConfig, to_dict
+from .distributed import Distributed, unwrap
 from .logs import LOG, PLOT, RunLog
-from .run import Run, RunError, claim, lock_for_resume
+from .run import RunError, claim, lock_for_resume
 from .sampler import StepSampler
 
 CHECKPOINT = "last.pt"
@@ -46,59 +48,6 @@ def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, kind: st
     return 1.0
 
 
-class Distributed:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device == "auto":
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device: {device}, but this machine has no usable CUDA GPU (no NVIDIA driver, or a CPU "
-                              "build of torch); use device: cpu (or auto)")
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the processes, in place on its device (NCCL needs the GPU's)."""
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def shard(self, count: int) -> range:
-        """This process's share of ``count`` evaluation samples: every ``world``-th one, from its rank."""
-        return range(self.rank, count, self.world)
-
-    def gather(self, items: list) -> list:
-        """Every process's ``items``, concatenated in rank order, on every process."""
-        if self.world == 1:
-            return items
-        parts = [None] * self.world
-        dist.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
-
-    def broadcast(self, value):
-        """Rank 0's ``value`` on every process."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig, world: int) -> torch.optim.Optimizer:
     """SGD, Adam or AdamW at ``cfg.lr`` scaled linearly from ``cfg.lr_batch`` to the global batch, with torch's
     fused kernels (one step for all parameters) on CPUs and GPUs."""
@@ -109,10 +58,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, world: int) -> torch.opt
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class Trainer:
@@ -379,37 +324,3 @@ def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
-
-
-def train(config: str | os.PathLike | dict | TrainConfig, resume: str | os.PathLike | None = None,
-          **overrides) -> Run:
-    """Train with the same engine as ``tools/train_*.py`` and return the run (its folder, metrics, checkpoints).
-
-    ``config``: a YAML file, a mapping of :class:`TrainConfig` keys, or a ``TrainConfig``; ``overrides`` replace
-    its keys (``heads.train("configs/x.yaml", epochs=3, data_root="/data/coco")``). The task's recipe (detection
-    or segmentation defaults) fills in the rest. ``resume``: a run folder or checkpoint to continue, or ``"auto"``
-    (the output folder's last checkpoint when there is one).
-    """
-    from .tasks import get_task
-
-    if isinstance(config, (TrainConfig, dict)):
-        values, path = to_dict(config) if isinstance(config, TrainConfig) else dict(config), None
-    else:
-        values, path = {}, config
-    values.update(overrides)
-    task = get_task({**(read_yaml(path) if path else {}), **values}.get("task", "detection"))
-    return run_training(load_config(path, values, **{**task.defaults, "task": task.name}), resume)
-
-
-def run_training(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Run:
-    """Train ``cfg`` (``resume`` as in :func:`train`), print where everything went, and return the run."""
-    from .tasks import get_task
-
-    if resume == "auto":
-        resume = cfg.output if (Path(cfg.output) / CHECKPOINT).is_file() else None
-    trainer = Trainer(cfg, get_task(cfg.task), resume=resume)
-    metrics = trainer.fit()
-    if trainer.env.main:
-        print(trainer.summary())
-    return Run(trainer.output, metrics, trainer.step)
-

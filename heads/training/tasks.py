@@ -12,7 +12,7 @@ from mbbackbones.choices import check_choice
 
 from .. import registry
 from .config import ConfigError, TrainConfig
-from .engine import Distributed, unwrap
+from .distributed import Distributed, unwrap
 
 PICTURES = 4  # validation images drawn into TensorBoard at each evaluation
 
@@ -37,7 +37,6 @@ class Task:
     policies: dict  # augment name -> what it means for the task's transform
     outputs: tuple[str, ...]  # files an evaluation writes into the run folder
     tool: str
-    defaults: dict = {}  # TrainConfig values that differ from the (detection) defaults
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -167,10 +166,6 @@ class SegmentationTask(Task):
     policies = {"default": True, "none": False}
     outputs = ("metrics.txt", "metrics.json", "confusion.png")
     tool = "tools/train_seg.py"
-    # mmsegmentation's LR-ASPP Cityscapes recipe: SGD 0.01 per 16 images, poly decay, 512x1024 crops
-    defaults = dict(model="lraspp_mbv3_large", dataset="builtin", train_split="train", val_split="val",
-                    augment="default", lr=0.01, lr_batch=16, weight_decay=4e-5, scheduler="poly", warmup_steps=0,
-                    batch_size=4, epochs=1721, output="runs/segmentation")
 
     @staticmethod
     def datasets(cfg: TrainConfig):

@@ -315,7 +315,7 @@ def test_export_tool_calibrates_on_the_runs_validation_images(tmp_path, capsys, 
 
     monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path / "data"))
     builtin_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))  # the run's own data
-    config = make_config({**get_task("segmentation").defaults, "task": "segmentation", "model": SEGMENTER,
+    config = make_config({"task": "segmentation", "model": SEGMENTER,
                           "output": str(tmp_path / "run"), "dataset": "cityscapes",
                           "data_root": str(tmp_path / "cityscapes"),
                           "crop_size": [64, 128], "max_steps": 1, "batch_size": 2, "workers": 0, "eval_every": 0,

@@ -39,7 +39,7 @@ def data_home(tmp_path_factory):
 
 
 def _train(task: str, output, **values):
-    cfg = make_config({**get_task(task).defaults, "task": task, "output": str(output), **TINY, **values})
+    cfg = make_config({"task": task, "output": str(output), **TINY, **values})
     Trainer(cfg, get_task(task)).fit()
     return output
 

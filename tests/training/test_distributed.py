@@ -30,7 +30,7 @@ def _evaluate(rank: int, world: int, port: int, data: str, results: dict) -> Non
     from heads import create_model
     from heads.detection.evaluate import detect_dataset
     from heads.training.config import make_config
-    from heads.training.engine import Distributed
+    from heads.training.distributed import Distributed
     from heads.training.tasks import get_task
 
     env = Distributed("cpu")
@@ -38,7 +38,7 @@ def _evaluate(rank: int, world: int, port: int, data: str, results: dict) -> Non
     for task_name, model_name in (("detection", "ssdlite320_mbv3_small_reduced"),
                                   ("segmentation", "lraspp_mbv3_small_reduced")):
         task = get_task(task_name)
-        cfg = make_config({**task.defaults, "task": task_name, "model": model_name, "eval_limit": 5, "workers": 0,
+        cfg = make_config({"task": task_name, "model": model_name, "eval_limit": 5, "workers": 0,
                            "batch_size": 2})
         _, val_set = task.datasets(cfg)
         model = create_model(model_name, num_classes=val_set.num_classes).eval()
