@@ -7,6 +7,10 @@ The public API is what ``__all__`` lists; the sub-packages are internal and may 
 - ``heads.training``: the config, the one engine shared by both tasks, the tasks' hooks, the sampler, logs.
 - ``heads.deploy``: the predictor, BatchNorm folding, export and the runtimes of exported files.
 
+Beside them: ``heads.task_model`` (the one interface of task models), ``heads.results`` (what a prediction
+returns), ``heads.loading`` (a name, model, run folder, weights or exported file to a model that runs),
+``heads.registry`` (task models by name) and ``heads.backbone`` (the backbones under the heads).
+
 Names are imported on first use, so ``import heads`` loads neither the augmentation nor the plotting libraries.
 """
 from __future__ import annotations
@@ -19,8 +23,9 @@ from .registry import ENTRIES, MODELS, create_model, list_models, list_weights
 __version__ = version("mbbackbones")
 _LAZY = {  # public name -> the module that defines it
     "Predictor": "heads.deploy.predictor",
-    "Detections": "heads.deploy.predictor",
-    "Segmentation": "heads.deploy.predictor",
+    "Detections": "heads.results",
+    "Segmentation": "heads.results",
+    "load": "heads.loading",
     "fuse": "heads.deploy.predictor",
     "train": "heads.training.launch",
     "Run": "heads.training.run",

@@ -1,5 +1,5 @@
-"""What every task head builds on: a registered mbbackbones model as a ``features_only`` network, and the input
-normalisation its weights expect."""
+"""What every task head builds on: a ``features_only`` backbone (a registered mbbackbones model, or a module with
+timm's features_only contract), and the input normalisation its weights expect."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import mbbackbones
 from mbbackbones.checkpoint import WeightsUnavailable
+from mbbackbones.choices import ArgumentError
 
 
 def create_backbone(name: str, pretrained_backbone: bool | str | os.PathLike | None = None, **kwargs) -> nn.Module:
@@ -21,6 +22,19 @@ def create_backbone(name: str, pretrained_backbone: bool | str | os.PathLike | N
         return mbbackbones.create_model(name, pretrained=bool(pretrained_backbone), features_only=True, **kwargs)
     except WeightsUnavailable as error:
         raise error.instead("a local file with pretrained_backbone=PATH, or pretrained_backbone=False") from None
+
+
+def plug_backbone(backbone: str | nn.Module, args: dict, given: dict) -> nn.Module:
+    """A named backbone built with ``args`` (the head's taps and norms, and the caller's ``given`` options), or a
+    module as it is (``given`` options are then a mistake: they would have no effect)."""
+    if isinstance(backbone, str):
+        return create_backbone(backbone, **args)
+    if given:
+        raise ArgumentError(f"{', '.join(given)}: options of a named backbone; a backbone module is used as it is")
+    if not hasattr(backbone, "feature_info"):
+        raise ArgumentError(f"backbone {type(backbone).__name__} has no feature_info: pass a registered name or a "
+                            "module with timm's features_only contract (feature_info.channels(), .reduction())")
+    return backbone
 
 
 class Normalize(nn.Module):

@@ -165,18 +165,15 @@ def _device(args):
 def _network(args, task: str):
     """What an evaluation tool scores: the PyTorch model (evaluated exactly as in training) and its run's config,
     or, for an exported file, a :class:`~heads.deploy.predictor.Predictor` on its runtime."""
-    from .deploy.predictor import Predictor, exported_suffixes, load_model
+    from .deploy.predictor import Predictor
+    from .loading import load
+    from .training.tasks import get_task
 
-    if Path(args.weights).suffix in exported_suffixes():
-        network, config, kind = Predictor(args.weights), None, None
-        kind = network.task
-    else:
-        loaded = load_model(args.weights, args.model, device=_device(args))
-        network, config, kind = loaded.model, loaded.config, loaded.task
-    if kind != task:
-        tool = "tools/eval_det.py" if kind == "detection" else "tools/eval_seg.py"
-        raise ArgumentError(f"{args.weights} is a {kind} model; evaluate it with {tool}")
-    return network, config
+    loaded = load(args.weights, args.model, args.device)
+    if loaded.task != task:
+        raise ArgumentError(f"{args.weights} is a {loaded.task} model; evaluate it with "
+                            f"{get_task(loaded.task).eval_tool}")
+    return (loaded.model if loaded.runtime is None else Predictor(loaded)), loaded.config
 
 
 # -- segmentation -----------------------------------------------------------------------------------------------
@@ -250,7 +247,8 @@ def infer_main(argv: list[str] | None = None) -> list:
 def _infer(args) -> list:
     from tqdm import tqdm
 
-    from .deploy.predictor import Predictor, Timings
+    from .deploy.predictor import Predictor
+    from .results import Timings
 
     predictor = Predictor(args.weights, device=args.device, score_thresh=args.score_thresh,
                           nms_thresh=args.nms_thresh, max_det=args.max_det, name=args.model,
@@ -262,7 +260,7 @@ def _infer(args) -> list:
         tqdm.write(f"{result.name}: {result.timings}")
         results.append(result)
     print(f"mean over {len(results)} images (after a warm-up): {Timings.mean(r.timings for r in results)}")
-    files = "detections.json (COCO results)" if predictor.task == "detection" else "<name>_labelIds.png"
+    files = predictor.model_cls.result_type.outputs
     print(f"wrote {len(results)} pictures (<name>.png) and {files} to {args.out}")
     return results
 
@@ -297,15 +295,16 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
 def _check_images(args, kind: str, config) -> list[Path]:
     """Images to calibrate INT8 on and to check the export with (see ``--calibration``)."""
     from .assets import SAMPLE_IMAGES
-    from .deploy import export
     from .deploy.predictor import list_images
+    from .training.config import make_config
+    from .training.tasks import TASKS, validation_images
 
-    if args.calibration == "builtin":
-        return export.builtin_images(kind, "val")
+    if args.calibration == "builtin":  # the task's built-in set; classifiers and backbones: the default task's
+        return validation_images(make_config({"task": kind} if kind in TASKS else {}))
     if args.calibration is not None:
         return list_images(Path(args.calibration))
     if config is not None and args.int8:
-        return export.validation_images(config.task, config.dataset, config.data_root, config.val_split)
+        return validation_images(config)
     if args.int8:
         raise ArgumentError(f"--int8 needs calibration images and {args.weights or args.backbone} has no run config "
                          "naming its validation images: pass --calibration FOLDER (the task's own validation "
@@ -320,8 +319,8 @@ def _export(args) -> list[Path]:
     from .backbone import create_backbone
     from .data import read_image
     from .deploy import export, runtimes
-    from .deploy.predictor import load_model
     from .devices import resolve_device
+    from .loading import load
 
     if args.size is not None and len(args.size) > 2:
         raise ArgumentError(f"--size takes S or H W, got {len(args.size)} numbers")
@@ -332,7 +331,9 @@ def _export(args) -> list[Path]:
     if args.backbone:
         model, config = create_backbone(args.backbone, args.backbone_weights).eval().to(device), None
     else:
-        loaded = load_model(args.weights, args.model, num_classes=args.num_classes, device=device)
+        loaded = load(args.weights, args.model, device, num_classes=args.num_classes)
+        if loaded.model is None:
+            raise ArgumentError(f"{args.weights} is an exported file already; export its training run or weights")
         model, config = loaded.model, loaded.config
     size = export.export_size(model, None if args.size is None else (args.size * 2)[:2])  # S -> S S
     paths = _check_images(args, export.model_kind(model), config)[:args.calibration_images]

@@ -16,6 +16,7 @@ from mbbackbones.checkpoint import CheckpointError, WeightsUnavailable, load_fil
 from mbbackbones.choices import ArgumentError, did_you_mean
 from mbbackbones.registry import Reference
 
+from .backbone import create_backbone
 from .detection.ssdlite import SSDLite
 from .segmentation.lraspp import LRASPP
 
@@ -72,6 +73,7 @@ MODELS = (
     TaskEntry("lraspp_mbv3_small_reduced", LRASPP, "mbv3_small_reduced", {}),
 )
 ENTRIES = {entry.name: entry for entry in MODELS}
+TASK_MODELS = {cls.task: cls for cls in (SSDLite, LRASPP)}  # the class whose hooks read a task's metadata
 DESCRIPTIVE = ("dataset_ids", "metrics", "recipe", "weights", "resize", "model_kwargs")  # metadata carried over
 
 
@@ -88,7 +90,7 @@ def check_name(name: str) -> TaskEntry:
 
 
 def create_model(name: str, num_classes: int | None = None, pretrained: bool | str | os.PathLike | None = None,
-                 pretrained_backbone: bool | str | os.PathLike | None = None, backbone: str | None = None,
+                 pretrained_backbone: bool | str | os.PathLike | None = None, backbone: str | nn.Module | None = None,
                  **kwargs) -> nn.Module:
     """Build a task model by name, in train mode, with its metadata in ``model.meta``.
 
@@ -100,7 +102,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
             or a file: ours, a training checkpoint (``best.pt`` / ``last.pt``) or torchvision's state dict for the
             same architecture. Published files are downloaded once into torch's hub cache (``$TORCH_HOME``).
         pretrained_backbone: ``True`` (the backbone's default ImageNet weights) or a file with backbone weights.
-        backbone: any registered backbone name, replacing the entry's default.
+        backbone: any registered backbone name, replacing the entry's default, or a module with timm's
+            ``features_only`` contract (used as it is: no ``pretrained_backbone`` then).
         kwargs: constructor arguments of the model class.
     """
     entry = check_name(name)
@@ -138,8 +141,14 @@ def _build(entry: TaskEntry, checkpoint: dict | None, meta: dict, source: str, n
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     kwargs = {**entry.kwargs, **meta.get("model_kwargs", {}), **kwargs}
-    model = entry.model_cls(backbone=backbone or kwargs.pop("backbone", entry.backbone),
-                            pretrained_backbone=pretrained_backbone, **kwargs)
+    backbone = backbone if backbone is not None else kwargs.pop("backbone", entry.backbone)
+    if pretrained_backbone and not isinstance(backbone, str):
+        raise ArgumentError(f"{entry.name}: pretrained_backbone loads a named backbone's weights; a backbone module "
+                            "is used as it is")
+    model = entry.model_cls(backbone=backbone, **kwargs)
+    if pretrained_backbone:
+        weights = create_backbone(backbone, pretrained_backbone, **model.backbone_args)
+        model.backbone.load_state_dict(weights.state_dict())
     if checkpoint is not None:
         try:
             state = model.convert_checkpoint(weights_of(checkpoint))
@@ -228,13 +237,9 @@ def describe(name: str, model: nn.Module, categories: list[str] | None = None, *
     ``categories`` names the labels (index = label; detection's 0 is the background); ``fields`` add or
     replace entries (the published metric, the recipe, the weights file, dataset ids of the labels).
     """
-    detection = model.task == "detection"
-    if categories is None:
-        categories = [("__background__" if detection and i == 0 else f"class {i}") for i in range(model.num_classes)]
-    meta = dict(name=name, task=model.task, num_classes=model.num_classes, categories=list(categories),
-                dataset_ids=None, input_size=[model.size, model.size] if detection else None, resize=None,
+    meta = dict(name=name, task=model.task, num_classes=model.num_classes, dataset_ids=None, resize=None,
                 mean=model.normalize.statistics[0], std=model.normalize.statistics[1],
-                metrics={}, recipe=None, weights=None, model_kwargs={})
-    if detection:
-        meta["postprocess"] = model.postprocess
+                metrics={}, recipe=None, weights=None, model_kwargs={}, **model.metadata())
+    if categories is not None:
+        meta["categories"] = list(categories)
     return {**meta, **fields}

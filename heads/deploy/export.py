@@ -2,9 +2,8 @@
 
 Every exported graph is :class:`DeployGraph`: images float32 [B, 3, H, W] in [0, 1] (normalisation inside) ->
 
-- detection (SSDLite): ``boxes`` [B, A, 4] (decoded, xyxy input pixels) and ``scores`` [B, A, C] (probabilities),
-  as ``SSDLite.forward_batch``; per-class top-k and NMS (``select_detections``) run on these outputs;
-- segmentation (LR-ASPP): ``logits`` [B, C, H, W] at the input size;
+- a task model: its ``forward_batch`` outputs, named by its ``output_names`` (SSDLite: decoded ``boxes`` and class
+  ``scores`` per default box; LR-ASPP: ``logits`` at the input size); its ``results`` post-process them;
 - classifier (a registered backbone with its head): ``logits`` [B, classes];
 - backbone (a ``features_only`` network): ``features0``, ``features1``, ...
 
@@ -37,14 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from mbbackbones import MobileNet
 from mbbackbones.choices import ArgumentError
 
 from ..backbone import Normalize
-from ..segmentation.lraspp import LargeKernelAvgPool
+from ..task_model import TaskModel, as_size
 
 OPSET = 17
-DEFAULT_SIZES = {"detection": None, "segmentation": (512, 1024), "backbone": (224, 224), "classifier": (224, 224)}
+NETWORK_SIZE = (224, 224)  # export size of classifiers and backbones
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "tflite": ".tflite"}  # name -> file suffix
 EXTRAS = {"onnx": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "litert"}  # pip extras
 
@@ -85,16 +83,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def network(model) -> nn.Module:
-    """The network in eval mode, of a module or of a ``LoadedModel`` (``.model``)."""
+    """The network in eval mode, of a module or of a :class:`~heads.loading.Loaded` (``.model``)."""
     return (model if isinstance(model, nn.Module) else model.model).eval()
 
 
 def model_kind(model: nn.Module) -> str:
-    """'detection', 'segmentation' (the model's ``task``), 'classifier' (a registered backbone with its head) or
-    'backbone' (a ``features_only`` network)."""
-    if hasattr(model, "task"):
+    """A task model's ``task``, 'classifier' (a registered backbone with its head) or 'backbone' (a
+    ``features_only`` network)."""
+    if isinstance(model, TaskModel):
         return model.task
-    return "classifier" if isinstance(model, MobileNet) else "backbone"
+    return "classifier" if hasattr(model, "forward_head") else "backbone"
 
 
 def normalizer(model: nn.Module) -> Normalize:
@@ -105,41 +103,36 @@ def normalizer(model: nn.Module) -> Normalize:
 
 
 def dynamic_size(model: nn.Module) -> bool:
-    """Whether the exported graph accepts any H x W: not for SSDLite (anchors) nor large-kernel pooling."""
-    return model_kind(model) != "detection" and not any(isinstance(m, LargeKernelAvgPool) for m in model.modules())
+    """Whether the exported graph accepts any H x W (a task model says; classifiers and backbones do)."""
+    return model.dynamic_size() if isinstance(model, TaskModel) else True
 
 
 def export_size(model: nn.Module, size: int | Sequence[int] | None = None) -> tuple[int, int]:
-    """``size`` as (height, width); by default the kind's (SSDLite: its ``size`` square)."""
-    if size is None:
-        size = DEFAULT_SIZES[model_kind(model)] or model.size
-    height, width = (size, size) if isinstance(size, int) else size
-    if model_kind(model) == "detection" and (height, width) != (model.size, model.size):
-        raise ArgumentError(f"SSDLite exports at its own size {model.size}x{model.size}, not {height}x{width}")
-    return int(height), int(width)
+    """``size`` as (height, width); by default the model's (classifiers and backbones: 224)."""
+    if isinstance(model, TaskModel):
+        return model.export_size(size)
+    return as_size(NETWORK_SIZE if size is None else size)
 
 
 def output_names(model: nn.Module) -> list[str]:
-    kind = model_kind(model)
-    if kind == "detection":
-        return ["boxes", "scores"]
-    if kind in ("segmentation", "classifier"):
+    if isinstance(model, TaskModel):
+        return list(model.output_names)
+    if model_kind(model) == "classifier":
         return ["logits"]
     return [f"features{i}" for i in range(len(model.feature_info.channels()))]
 
 
 class DeployGraph(nn.Module):
-    """What is exported: images in [0, 1] -> ``forward_batch`` for SSDLite (which normalises), else the network on
-    its normalised input (:func:`normalizer`)."""
+    """What is exported: images in [0, 1] -> a task model's ``forward_batch`` (which normalises), else the network
+    on its normalised input (:func:`normalizer`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.detection = model_kind(model) == "detection"
-        self.normalize = None if self.detection else normalizer(model)
+        self.normalize = None if isinstance(model, TaskModel) else normalizer(model)
 
     def forward(self, images: Tensor):
-        if self.detection:
+        if self.normalize is None:
             return self.model.forward_batch(images)
         return self.model(self.normalize(images))
 
@@ -344,9 +337,7 @@ def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibratio
         from litert_torch.quantize.quant_config import QuantConfig
 
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        # SSDLite's class scores lose their ranking through LiteRT's int8 classification convolutions (score
-        # correlation 0.55 with float, AP50 -1.1 on the built-in set); they stay float there
-        float_layers = ["model.head.classification_head"] if model_kind(model) == "detection" else []
+        float_layers = [f"model.{name}" for name in getattr(model, "float_layers", ())]  # the model says
         graph = _pt2e_quantized(graph, example, quantizer, calibration, fold_quantize=False, float_layers=float_layers)
         options["quant_config"] = QuantConfig(pt2e_quantizer=quantizer)
     litert_torch.convert(graph, (example,), **options).export(str(path))
@@ -363,31 +354,3 @@ def model_input(model: nn.Module, image: np.ndarray, size: int | Sequence[int] |
     height, width = export_size(model, size)
     x = torch.tensor(image).permute(2, 0, 1)[None].float().div(255)
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).numpy()
-
-
-def builtin_images(kind: str, split: str = "val") -> list[Path]:
-    """Images of the built-in dataset of a kind (street scenes for segmentation, shapes otherwise), ``split``
-    'train' or 'val'."""
-    if kind == "segmentation":
-        from ..segmentation.builtin import builtin_cityscapes
-
-        return validation_images("segmentation", "builtin", builtin_cityscapes(), split)
-    from ..detection.builtin import builtin_coco
-
-    return validation_images("detection", "builtin", builtin_coco(), f"{split}2017")
-
-
-def validation_images(task: str, dataset: str, root: str | Path | None, split: str) -> list[Path]:
-    """The image files of a training run's dataset split (as its config names them: ``config.dataset``,
-    ``config.data_root``, ``config.val_split``), sorted."""
-    if task == "segmentation":
-        from ..segmentation.builtin import builtin_cityscapes
-        from ..segmentation.cityscapes import Cityscapes
-
-        root = builtin_cityscapes(root) if dataset == "builtin" else root
-        return [image for image, _ in Cityscapes(root, split).files]
-    from ..detection.builtin import builtin_coco
-    from ..detection.coco import CocoDetection
-
-    coco = CocoDetection(builtin_coco(root) if dataset == "builtin" else root, split)
-    return [coco.image_dir / coco.coco.imgs[i]["file_name"] for i in coco.image_ids]

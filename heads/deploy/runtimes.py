@@ -1,9 +1,8 @@
 """Exported models behind one interface: ``export(model, path)`` writes one, ``load(path)`` runs it.
 
 The runtime follows from the file's suffix (:data:`FORMATS`): ONNX Runtime (.onnx), OpenVINO (.xml), ExecuTorch with
-the XNNPACK delegate (.pte) and LiteRT (.tflite). Each :class:`Runtime` maps images float32 [B, 3, H, W] in [0, 1] to
-the outputs of the PyTorch model (see :mod:`heads.deploy.export`): for detection ``(boxes, scores)`` as
-``SSDLite.forward_batch``, for segmentation ``(logits,)`` as ``model(model.normalize(images))``.
+the XNNPACK delegate (.pte) and LiteRT (.tflite). Each :class:`Runtime` maps images [B, 3, H, W] (uint8, or float32
+in [0, 1]) to the outputs of the PyTorch model (see :mod:`heads.deploy.export`): a task model's ``forward_batch``.
 
 Each file carries the model's metadata (``model.meta``, plus the format, precision and input size), written by
 :func:`write_metadata` and read by :func:`read_metadata`.
@@ -16,16 +15,15 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.choices import ArgumentError, check_choice
 
+from ..task_model import Check, TaskModel
 from .export import (
     EXTRAS,
     FORMATS,
@@ -40,7 +38,7 @@ from .export import (
     require,
 )
 
-__all__ = ["EXTRAS", "FORMATS", "Runtime", "check", "export", "exported_files", "load", "read_metadata",
+__all__ = ["EXTRAS", "FORMATS", "Check", "Runtime", "check", "export", "exported_files", "load", "read_metadata",
            "write_metadata"]
 
 METADATA_KEY = "mbbackbones"
@@ -75,7 +73,7 @@ def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, 
     backbone's name, kind and normalisation) with the format, precision and input size (None: any)."""
     meta = getattr(model, "meta", None)
     if meta is None:
-        if model_kind(model) in ("detection", "segmentation"):
+        if isinstance(model, TaskModel):
             from ..registry import describe
 
             meta = describe(type(model).__name__, model)
@@ -194,7 +192,7 @@ def read_metadata(path: str | Path) -> dict:
 class Runtime:
     """An exported model in its runtime: ``runtime(images)`` -> the outputs as torch tensors.
 
-    ``images``: float32 [B, 3, H, W] in [0, 1] (at ``metadata["input_size"]`` when it is not None).
+    ``images``: [B, 3, H, W], uint8 or float32 in [0, 1] (at ``metadata["input_size"]`` when it is not None).
     """
 
     format: str
@@ -224,6 +222,8 @@ class Runtime:
         raise NotImplementedError
 
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
         self._check(images)
         array = np.ascontiguousarray(images.detach().cpu().numpy())
         if self.format in STATIC:
@@ -352,66 +352,25 @@ def load(path: str | Path, threads: int | None = None, task: str | None = None, 
 
 # -- checks against PyTorch -----------------------------------------------------------------------------------------
 
-FP32_TOLERANCES = {"boxes": 1e-3, "scores": 1e-4, "logits": 1e-4, "features": 1e-4}  # largest |difference|
-INT8_DETECTION = (10, 30, 0.5, 0.7)  # PyTorch's top 10 found in the runtime's top 30 (same label, IoU >= 0.5): 70%
-INT8_MASK_AGREEMENT = 0.9  # segmentation: pixels with the same class
-INT8_COSINE = 0.95  # other outputs: cosine similarity
-
-
-class Check(NamedTuple):
-    """One comparison of a runtime with PyTorch: a measured value against its limit."""
-
-    name: str
-    value: float
-    limit: float
-    at_most: bool  # the value must be <= limit (else >=)
-
-    @property
-    def passed(self) -> bool:
-        return self.value <= self.limit if self.at_most else self.value >= self.limit
-
-    def __str__(self) -> str:
-        return (f"{self.name} {self.value:.3g} ({'<=' if self.at_most else '>='} {self.limit:g}): "
-                f"{'PASS' if self.passed else 'FAIL'}")
-
-
-def detection_agreement(expected: dict, got: dict, top: int, among: int, iou: float) -> float:
-    """The fraction of ``expected``'s first ``top`` detections that ``got``'s first ``among`` contain (same label,
-    box IoU >= ``iou``); 1 when ``expected`` has none."""
-    expected = {key: value[:top] for key, value in expected.items()}
-    got = {key: value[:among] for key, value in got.items()}
-    if not len(expected["labels"]):
-        return 1.0
-    same = (expected["labels"][:, None] == got["labels"][None]) & (box_iou(expected["boxes"], got["boxes"]) >= iou)
-    return same.any(1).float().mean().item()
+FP32_TOLERANCE = 1e-4  # classifiers and backbones: largest |difference| of an output
+INT8_COSINE = 0.95  # their INT8 files: cosine similarity of each output
 
 
 @torch.no_grad()
 def check(model: nn.Module, runtime: Runtime, images: Tensor) -> list[Check]:
-    """``runtime`` against the PyTorch ``model`` it was exported from, on ``images`` ([B, 3, H, W] in [0, 1]).
-
-    fp32: the largest difference of each output (:data:`FP32_TOLERANCES`). INT8: detection, the top detections
-    kept (:data:`INT8_DETECTION`); segmentation, the mask agreement; else the cosine similarity of each output.
-    """
+    """``runtime`` against the PyTorch ``model`` it was exported from, on ``images`` ([B, 3, H, W] in [0, 1]): a task
+    model's own :meth:`~heads.task_model.TaskModel.agreement`; for classifiers and backbones, the largest
+    difference of each output (fp32) or its cosine similarity (INT8)."""
     model = network(model)
-    graph = DeployGraph(model)
-    expected = graph(images.to(next(model.parameters()).device))
-    expected = [expected] if isinstance(expected, Tensor) else list(expected)
-    got = runtime(images.cpu())
+    expected = DeployGraph(model)(images.to(next(model.parameters()).device))
+    expected = [e.cpu() for e in ([expected] if isinstance(expected, Tensor) else expected)]
+    got = list(runtime(images.cpu()))
+    int8 = runtime.metadata["precision"] == "int8"
+    if isinstance(model, TaskModel):
+        return model.agreement(expected, got, runtime.metadata, int8)
     names = runtime.metadata["outputs"]
-    if runtime.metadata["precision"] == "fp32":
-        return [Check(f"max |{name} difference|", (ours - theirs.cpu()).abs().max().item(),
-                      FP32_TOLERANCES[name.rstrip("0123456789")], True)
+    if not int8:
+        return [Check(f"max |{name} difference|", (ours - theirs).abs().max().item(), FP32_TOLERANCE, True)
                 for name, ours, theirs in zip(names, got, expected)]
-    if model_kind(model) == "detection":
-        top, among, iou, limit = INT8_DETECTION
-        agreement = [detection_agreement(model.select(*[e[i].cpu() for e in expected], tuple(images.shape[-2:])),
-                                         model.select(got[0][i], got[1][i], tuple(images.shape[-2:])), top, among, iou)
-                     for i in range(len(images))]
-        return [Check(f"top-{top} detections found in its top {among}", float(np.mean(agreement)), limit, False)]
-    if model_kind(model) == "segmentation":
-        same = (got[0].argmax(1) == expected[0].cpu().argmax(1)).float().mean().item()
-        return [Check("pixels of the same class", same, INT8_MASK_AGREEMENT, False)]
-    return [Check(f"{name} cosine similarity", torch.cosine_similarity(ours.flatten(), theirs.cpu().flatten(),
-                                                                       0).item(), INT8_COSINE, False)
-            for name, ours, theirs in zip(names, got, expected)]
+    return [Check(f"{name} cosine similarity", torch.cosine_similarity(ours.flatten(), theirs.flatten(), 0).item(),
+                  INT8_COSINE, False) for name, ours, theirs in zip(names, got, expected)]

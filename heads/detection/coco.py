@@ -80,6 +80,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_paths(self) -> list[Path]:
+        """The image file of each sample, in order."""
+        return [self.image_dir / self.coco.imgs[image_id]["file_name"] for image_id in self.image_ids]
+
     def __getitem__(self, item):
         index, seed = split_item(item)
         if not -len(self) <= index < len(self):  # IndexError ends ``for sample in dataset``

@@ -18,7 +18,9 @@ from mbbackbones.checkpoint import CheckpointError, convert
 from mbbackbones.choices import ArgumentError
 from mbbackbones.layers import ConvNormAct
 
-from ..backbone import Normalize, create_backbone
+from ..backbone import Normalize, plug_backbone
+from ..results import DRAW_SCORE, Detections
+from ..task_model import Check, TaskModel, as_size
 
 
 def extra_block(in_channels: int, out_channels: int, norm) -> nn.Sequential:
@@ -37,7 +39,7 @@ def normal_init(module: nn.Module, std: float = 0.03) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-class SSDLite(nn.Module):
+class SSDLite(TaskModel):
     """SSDLite: heads on the C4 expansion tap (stride 16), C5 (stride 32) and four extra layers.
 
     Call it like a torchvision detector: in training, ``model(images, targets)`` returns the losses
@@ -47,25 +49,28 @@ class SSDLite(nn.Module):
     (``torch.export``, ONNX); the model itself scripts (``torch.jit.script``) with the same I/O.
 
     Args:
-        backbone: registered mbbackbones name.
+        backbone: a registered mbbackbones name, built here with torchvision's SSDLite initialisation (normal,
+            std 0.03) and its taps at the C4 expansion and C5; or a module with timm's ``features_only`` contract
+            (``feature_info.channels()``, its feature maps in that order), used as it is.
         num_classes: classes including the background (label 0); 91 is torchvision's COCO space.
-        pretrained_backbone: True (the backbone's ImageNet weights) or a local file; without, torchvision's SSDLite
-            initialisation (normal, std 0.03) is used for every conv.
-        extra_channels: output channels of the extra layers after C5.
-        norm_eps, norm_momentum: BatchNorm settings of the whole detector, backbone included
+        extra_channels: output channels of the extra layers after the backbone's last map.
+        norm_eps, norm_momentum: BatchNorm settings of the whole detector, a named backbone included
             (torchvision's SSDLite: 1e-3, 0.03).
-        backbone_kwargs: passed to the backbone (e.g. ``width``-specific options, ``drop_path_rate``).
+        backbone_kwargs: passed to a named backbone (e.g. ``width``-specific options, ``drop_path_rate``).
     """
 
     task = "detection"
-    class_layers = ("head.classification_head.",)  # state-dict prefixes whose shapes follow num_classes
-    __jit_unused_properties__ = ["postprocess"]  # metadata, not part of the scripted model
+    result_type = Detections
+    output_names = ("boxes", "scores")
+    class_layers = ("head.classification_head.",)
+    # LiteRT's int8 classification convolutions lose the ranking of the class scores (score correlation 0.55 with
+    # float, AP50 -1.1 on the built-in set)
+    float_layers = ("head.classification_head",)
     __jit_ignored_attributes__ = ["_anchors"]  # the eager cache of default boxes
     box_coder: BoxCoder  # typed for TorchScript, as torchvision's SSD
     matcher: Matcher
 
-    def __init__(self, backbone: str = "mbv3_large_reduced", num_classes: int = 91,
-                 pretrained_backbone: str | None = None, size: int = 320,
+    def __init__(self, backbone: str | nn.Module = "mbv3_large_reduced", num_classes: int = 91, size: int = 320,
                  extra_channels: Sequence[int] = (512, 256, 256, 128), min_ratio: float = 0.2, max_ratio: float = 0.95,
                  iou_thresh: float = 0.5, neg_to_pos_ratio: int = 3, score_thresh: float = 0.001,
                  nms_thresh: float = 0.55, detections_per_img: int = 300, topk_candidates: int = 300,
@@ -75,15 +80,15 @@ class SSDLite(nn.Module):
         if num_classes < 2:
             raise ArgumentError(f"num_classes={num_classes} must count the background too (at least 2)")
         norm = partial(nn.BatchNorm2d, eps=norm_eps, momentum=norm_momentum)
-        self.backbone = create_backbone(backbone, pretrained_backbone, feature_location="expansion",
-                                        out_indices=(3, 4), norm_eps=norm_eps, norm_momentum=norm_momentum,
-                                        **backbone_kwargs)
+        self.backbone_args = dict(feature_location="expansion", out_indices=(3, 4), norm_eps=norm_eps,
+                                  norm_momentum=norm_momentum, **backbone_kwargs)
+        self.backbone = plug_backbone(backbone, self.backbone_args, backbone_kwargs)
         channels = [*self.backbone.feature_info.channels(), *extra_channels]
         self.extra = nn.ModuleList(extra_block(c_in, c_out, norm) for c_in, c_out in zip(channels[1:], channels[2:]))
         self.anchor_generator = DefaultBoxGenerator([[2, 3]] * len(channels), min_ratio=min_ratio, max_ratio=max_ratio)
         self.head = SSDLiteHead(channels, self.anchor_generator.num_anchors_per_location(), num_classes, norm)
         normal_init(self.extra)
-        if not pretrained_backbone:
+        if isinstance(backbone, str):
             normal_init(self.backbone)
         self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
         self.matcher = Matcher(iou_thresh, iou_thresh)
@@ -163,14 +168,55 @@ class SSDLite(nn.Module):
         return boxes, head["cls_logits"].softmax(-1)
 
     def forward_batch(self, batch: Tensor) -> Tuple[Tensor, Tensor]:
-        """Export path: [B, 3, size, size] in [0, 1] -> decoded boxes [B, A, 4] and probabilities [B, A, C]."""
+        """Export path: [B, 3, size, size] uint8 or in [0, 1] -> decoded boxes [B, A, 4] and probabilities
+        [B, A, C]."""
         return self.decode(self.predict(batch), batch.shape[-2:])
 
-    @property
-    def postprocess(self) -> dict[str, float]:
+    @torch.jit.unused
+    def settings(self) -> dict:
         """The settings of :func:`select_detections`, as the model's metadata records them."""
         return dict(score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
                     topk_candidates=self.topk_candidates, detections_per_img=self.detections_per_img)
+
+    @torch.jit.unused
+    def metadata(self) -> dict:
+        """What the model's metadata says of it: label 0 is the background, images are resized to its square."""
+        return dict(categories=["__background__", *(f"class {i}" for i in range(1, self.num_classes))],
+                    input_size=[self.size, self.size], postprocess=self.settings())
+
+    @torch.jit.unused
+    def export_size(self, size: int | Sequence[int] | None = None) -> Tuple[int, int]:
+        height, width = as_size(self.size if size is None else size)
+        if (height, width) != (self.size, self.size):
+            raise ArgumentError(f"SSDLite exports at its own size {self.size}x{self.size}, not {height}x{width}")
+        return height, width
+
+    @staticmethod
+    def input_size(meta: dict, height: int, width: int) -> Tuple[int, int]:
+        return tuple(meta["input_size"])
+
+    @staticmethod
+    def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
+                original_size: Sequence[int]) -> dict:
+        boxes, scores = outputs
+        found = select_detections(boxes, scores, tuple(original_size), int(input_size[0]), **meta["postprocess"])
+        return {**{key: value.cpu() for key, value in found.items()}, "draw_score": meta.get("draw_score", DRAW_SCORE)}
+
+    @staticmethod
+    def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
+        """fp32: the largest box difference relative to the input size (fp32 rounding after the box decoding's
+        exponential is ~1e-2 px at 320) and the largest probability difference. INT8: the share of PyTorch's top
+        detections found in the runtime's (same label, IoU)."""
+        size = meta["input_size"]
+        if not int8:
+            return [Check("max |boxes difference| / input size", (got[0] - expected[0]).abs().max().item() / max(size),
+                          FP32_BOX_TOLERANCE, True),
+                    Check("max |scores difference|", (got[1] - expected[1]).abs().max().item(), FP32_SCORE_TOLERANCE,
+                          True)]
+        top, among, iou, limit = INT8_DETECTION
+        pick = lambda outputs, i: SSDLite.results([o[i] for o in outputs], meta, size, size)  # noqa: E731
+        shares = [detection_agreement(pick(expected, i), pick(got, i), top, among, iou) for i in range(len(got[0]))]
+        return [Check(f"top-{top} detections found in its top {among}", sum(shares) / len(shares), limit, False)]
 
     def select(self, boxes: Tensor, scores: Tensor, original_size: Tuple[int, int]) -> Dict[str, Tensor]:
         """One image's detections from :meth:`forward_batch`'s outputs: :func:`select_detections` with this
@@ -230,6 +276,22 @@ class SSDLite(nn.Module):
             if not key.startswith("backbone.features."):
                 result[key] = value
         return result
+
+
+FP32_BOX_TOLERANCE = 1e-4  # of the input size: 0.032 px at 320
+FP32_SCORE_TOLERANCE = 1e-4
+INT8_DETECTION = (10, 30, 0.5, 0.7)  # PyTorch's top 10 found in the runtime's top 30 (same label, IoU >= 0.5): 70%
+
+
+def detection_agreement(expected: dict, got: dict, top: int, among: int, iou: float) -> float:
+    """The fraction of ``expected``'s first ``top`` detections that ``got``'s first ``among`` contain (same label,
+    box IoU >= ``iou``); 1 when ``expected`` has none."""
+    expected = {key: value[:top] for key, value in expected.items() if isinstance(value, Tensor)}
+    got = {key: value[:among] for key, value in got.items() if isinstance(value, Tensor)}
+    if not len(expected["labels"]):
+        return 1.0
+    same = (expected["labels"][:, None] == got["labels"][None]) & (box_iou(expected["boxes"], got["boxes"]) >= iou)
+    return same.any(1).float().mean().item()
 
 
 def select_detections(boxes: Tensor, scores: Tensor, original_size: Tuple[int, int], size: int,

@@ -108,6 +108,10 @@ class Cityscapes(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def image_paths(self) -> list[Path]:
+        """The image file of each sample, in order."""
+        return [image for image, _ in self.files]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The raw sample: an H x W x 3 uint8 RGB image and its H x W uint8 train-id mask."""
         image_path, label_path = self.files[index]

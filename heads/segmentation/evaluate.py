@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -101,7 +100,7 @@ class ConfusionMatrix:
     ``matrix`` has one column more than classes: predictions equal to ``ignore_index`` (no class, e.g. a void
     label id in a prediction file) are counted there, as misses of the ground-truth class. ``categories`` gives
     each class's category (for category IoU); pass ``()`` to skip it. Keep the matrix on the device of the
-    predictions (``device=``) when using :meth:`all_reduce` with NCCL.
+    predictions (``device=``) when summing it over processes with NCCL.
     """
 
     def __init__(self, class_names=CLASS_NAMES, categories=CATEGORIES, ignore_index: int = IGNORE_INDEX,
@@ -143,11 +142,6 @@ class ConfusionMatrix:
         if other.class_names != self.class_names:
             raise ValueError("cannot merge confusion matrices over different classes")
         self.matrix += other.matrix.to(self.matrix.device)
-
-    def all_reduce(self) -> None:
-        """Sum the counts over all processes when torch.distributed is initialised; a no-op otherwise."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix)
 
     def compute(self) -> SegMetrics:
         counts = self.matrix.cpu().numpy()
@@ -271,7 +265,8 @@ def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, 
         if write and output is not None:
             write_predictions(pred.cpu().numpy(), dataset.stems[index], Path(output) / "predictions",
                               image=dataset.load(index)[0])
-    confusion.all_reduce()
+    if env is not None:
+        env.sum(confusion.matrix)
     metrics = confusion.compute()
     if output is not None:
         output = Path(output)

@@ -1,18 +1,26 @@
 """LR-ASPP semantic segmentation (MobileNetV3 paper §6.3) on any registered backbone."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from mbbackbones.checkpoint import CheckpointError, convert
 from mbbackbones.choices import ArgumentError, check_choice
 from mbbackbones.layers import ConvNormAct
 
-from ..backbone import Normalize, create_backbone
+from ..backbone import Normalize, plug_backbone
+from ..results import Segmentation
+from ..task_model import Check, TaskModel, as_size
 
 POOLINGS = ("global", "large_kernel")
+MAX_PIXELS = 2048 * 2048  # larger images are segmented at this size and the mask scaled back
+EXPORT_SIZE = (512, 1024)
+FP32_LOGIT_TOLERANCE = 1e-4
+INT8_MASK_AGREEMENT = 0.9  # pixels with the same class
 # torchvision LRASPPHead layers -> ours
 TORCHVISION_HEAD = {"classifier.cbr.0": "head.high.conv", "classifier.cbr.1": "head.high.bn",
                     "classifier.scale.1": "head.gate.conv", "classifier.low_classifier": "head.low_classifier",
@@ -69,20 +77,21 @@ class LRASPPHead(nn.Module):
         return self.low_classifier(low) + self.high_classifier(x)
 
 
-class LRASPP(nn.Module):
+class LRASPP(TaskModel):
     """Lite R-ASPP: normalised images [B, 3, H, W] -> class logits [B, num_classes, H, W].
 
     As torchvision's, ``forward`` takes images normalised with the statistics of the backbone's weights;
-    ``model.normalize`` turns images in [0, 1] (or uint8) into them.
+    ``model.normalize`` turns images in [0, 1] (or uint8) into them, and ``forward_batch`` takes those images.
 
     The low branch reads the backbone's stride-8 'downsample' tap (the output of the first block at
     stride 8, as torchvision's ``lraspp_mobilenet_v3_large``), the high branch its last conv (C5, at
     ``output_stride``).
 
     Args:
-        backbone: registered mbbackbones name.
+        backbone: a registered mbbackbones name (taps: 'downsample' at strides 8 and ``output_stride``), or a module
+            with timm's ``features_only`` contract returning the low and the high map, used as it is (its
+            ``pretrained_cfg`` mean and std, else ImageNet's, normalise the input).
         num_classes: output classes (19 for Cityscapes train ids).
-        pretrained_backbone: True (the backbone's ImageNet weights) or a local file with backbone weights.
         inter_channels: width of the high branch (the paper's 128 filters).
         pooling: "global" (adaptive average pool to 1x1, as torchvision) or "large_kernel"
             (the paper's average pool, gate upsampled bilinearly).
@@ -93,10 +102,12 @@ class LRASPP(nn.Module):
     """
 
     task = "segmentation"
-    class_layers = ("head.low_classifier.", "head.high_classifier.")  # state-dict prefixes that follow num_classes
+    result_type = Segmentation
+    output_names = ("logits",)
+    class_layers = ("head.low_classifier.", "head.high_classifier.")
 
-    def __init__(self, backbone: str = "mbv3_large", num_classes: int = 19, pretrained_backbone: str | None = None,
-                 inter_channels: int = 128, pooling: str = "global", pool_kernel: tuple[int, int] | None = None,
+    def __init__(self, backbone: str | nn.Module = "mbv3_large", num_classes: int = 19, inter_channels: int = 128,
+                 pooling: str = "global", pool_kernel: tuple[int, int] | None = None,
                  pool_stride: tuple[int, int] | None = None, output_stride: int = 16, **backbone_kwargs):
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
@@ -105,19 +116,69 @@ class LRASPP(nn.Module):
         if pooling == "global" and pool_sizes:
             raise ArgumentError("pool_kernel and pool_stride size the pooling='large_kernel' pool; with "
                              "pooling='global' they have no effect: drop them or set pooling='large_kernel'")
-        self.backbone = create_backbone(backbone, pretrained_backbone, output_stride=output_stride,
-                                        feature_location="downsample", out_indices=(2, 4), **backbone_kwargs)
+        self.backbone_args = dict(output_stride=output_stride, feature_location="downsample", out_indices=(2, 4),
+                                  **backbone_kwargs)
+        self.backbone = plug_backbone(backbone, self.backbone_args, backbone_kwargs)
+        if len(self.backbone.feature_info.channels()) != 2:
+            raise ArgumentError(f"LR-ASPP reads two feature maps (low, high); the backbone gives "
+                                f"{len(self.backbone.feature_info.channels())}: select two with out_indices")
         low_channels, high_channels = self.backbone.feature_info.channels()
         pool = nn.AdaptiveAvgPool2d(1) if pooling == "global" else LargeKernelAvgPool(**pool_sizes)
         self.head = LRASPPHead(low_channels, high_channels, num_classes, inter_channels, pool)
         self.num_classes = num_classes
-        self.normalize = Normalize(self.backbone.pretrained_cfg["mean"], self.backbone.pretrained_cfg["std"])
+        statistics = getattr(self.backbone, "pretrained_cfg", {})
+        self.normalize = Normalize(statistics.get("mean", IMAGENET_DEFAULT_MEAN),
+                                   statistics.get("std", IMAGENET_DEFAULT_STD))
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
         assert isinstance(features, list)  # narrows timm's Union return type for TorchScript
         return F.interpolate(self.head(features[0], features[1]), size=x.shape[-2:], mode="bilinear",
                              align_corners=False)
+
+    def forward_batch(self, images: Tensor) -> tuple[Tensor]:
+        """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> logits [B, num_classes, H, W]."""
+        return (self(self.normalize(images)),)
+
+    def metadata(self) -> dict:
+        return dict(categories=[f"class {i}" for i in range(self.num_classes)], input_size=None)
+
+    def export_size(self, size: int | Sequence[int] | None = None) -> tuple[int, int]:
+        return as_size(EXPORT_SIZE if size is None else size)
+
+    def dynamic_size(self) -> bool:
+        """Any size, except with the large-kernel pooling (its kernel is fixed at the export size)."""
+        return not isinstance(self.head.gate.pool, LargeKernelAvgPool)
+
+    @staticmethod
+    def input_size(meta: dict, height: int, width: int) -> tuple[int, int]:
+        """The image's own size; the shorter side at ``meta["resize"]`` where the weights were trained so (the
+        published VOC weights: 520), and at most :data:`MAX_PIXELS` pixels."""
+        if meta.get("resize"):
+            scale = meta["resize"] / min(height, width)
+            return round(height * scale), round(width * scale)
+        if height * width > MAX_PIXELS:
+            scale = (MAX_PIXELS / (height * width)) ** 0.5
+            return int(height * scale), int(width * scale)
+        return height, width
+
+    @staticmethod
+    def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
+                original_size: Sequence[int]) -> dict:
+        """The class of each pixel (arg-max at the input size, then nearest to the original size)."""
+        mask = outputs[0].argmax(0).to(torch.uint8)
+        if tuple(mask.shape) != tuple(original_size):
+            mask = F.interpolate(mask[None, None], size=tuple(original_size), mode="nearest-exact")[0, 0]
+        return {"mask": mask.cpu().numpy()}
+
+    @staticmethod
+    def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
+        """fp32: the largest logit difference; INT8: the share of pixels of the same class."""
+        if not int8:
+            return [Check("max |logits difference|", (got[0] - expected[0]).abs().max().item(), FP32_LOGIT_TOLERANCE,
+                          True)]
+        same = (got[0].argmax(1) == expected[0].argmax(1)).float().mean().item()
+        return [Check("pixels of the same class", same, INT8_MASK_AGREEMENT, False)]
 
     def convert_checkpoint(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Our state dict as is, or torchvision's ``lraspp_mobilenet_v3_large`` one renamed to ours."""

@@ -36,7 +36,8 @@ class Task:
     datasets_help: dict[str, str]  # dataset name -> what data_root must hold ("" for builtin)
     policies: dict  # augment name -> what it means for the task's transform
     outputs: tuple[str, ...]  # files an evaluation writes into the run folder
-    tool: str
+    tool: str  # the training tool
+    eval_tool: str
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -69,6 +70,11 @@ class Task:
         return False
 
     @classmethod
+    def datasets(cls, cfg: TrainConfig):
+        """The training and validation sets of ``cfg``."""
+        return cls.dataset(cfg, train=True), cls.dataset(cfg, train=False)
+
+    @classmethod
     def model(cls, cfg: TrainConfig, train_set) -> nn.Module:
         """The registered model, its classes and their dataset ids in its metadata."""
         model = registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
@@ -88,24 +94,26 @@ class DetectionTask(Task):
                 "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
     outputs = ("detections.json", "metrics.txt", "metrics.json")
     tool = "tools/train_det.py"
+    eval_tool = "tools/eval_det.py"
 
     @staticmethod
     def explicit_paths(cfg: TrainConfig) -> bool:
         return all((cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations))
 
     @staticmethod
-    def datasets(cfg: TrainConfig):
+    def dataset(cfg: TrainConfig, train: bool):
         from ..detection.builtin import builtin_coco
         from ..detection.coco import CocoDetection
         from ..detection.transforms import SSDTrainTransform
 
         root = cfg.data_root if cfg.dataset == "coco" else builtin_coco()
-        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
         common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
-        train = CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
-                              annotation_file=cfg.train_annotations, **common)
-        return train, CocoDetection(root, cfg.val_split, image_dir=cfg.val_images,
-                                    annotation_file=cfg.val_annotations, **common)
+        if not train:
+            return CocoDetection(root, cfg.val_split, image_dir=cfg.val_images, annotation_file=cfg.val_annotations,
+                                 **common)
+        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
+        return CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
+                             annotation_file=cfg.train_annotations, **common)
 
     @staticmethod
     def dataset_ids(dataset) -> list[int | None]:
@@ -166,16 +174,19 @@ class SegmentationTask(Task):
     policies = {"default": True, "none": False}
     outputs = ("metrics.txt", "metrics.json", "confusion.png")
     tool = "tools/train_seg.py"
+    eval_tool = "tools/eval_seg.py"
 
     @staticmethod
-    def datasets(cfg: TrainConfig):
+    def dataset(cfg: TrainConfig, train: bool):
         from ..segmentation.builtin import builtin_cityscapes
         from ..segmentation.cityscapes import Cityscapes
         from ..segmentation.transforms import SegTrainTransform
 
         root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
+        if not train:
+            return Cityscapes(root, cfg.val_split)
         transform = SegTrainTransform(crop_size=cfg.crop_size) if SegmentationTask.policies[cfg.augment] else None
-        return Cityscapes(root, cfg.train_split, transform=transform), Cityscapes(root, cfg.val_split)
+        return Cityscapes(root, cfg.train_split, transform=transform)
 
     @staticmethod
     def dataset_ids(dataset) -> list[int]:
@@ -200,7 +211,7 @@ class SegmentationTask(Task):
 
     @staticmethod
     def forward_images(model: nn.Module, batch, device) -> None:
-        model(unwrap(model).normalize(batch[0].to(device)))
+        model.forward_batch(batch[0].to(device))
 
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, env: Distributed, output: Path | None = None) -> dict:
@@ -221,7 +232,7 @@ class SegmentationTask(Task):
         from ..visualize import overlay_mask
 
         def draw(image: Tensor):
-            mask = model(model.normalize(image[None].to(device)))[0].argmax(0).cpu().numpy()
+            mask = model.forward_batch(image[None].to(device))[0][0].argmax(0).cpu().numpy()
             return overlay_mask(image.permute(1, 2, 0).numpy(), mask, PALETTE)
         return first_pictures(model, dataset, draw)
 
@@ -232,3 +243,8 @@ TASKS = {"detection": DetectionTask, "segmentation": SegmentationTask}
 def get_task(name: str) -> type[Task]:
     check_choice("task", name, TASKS)
     return TASKS[name]
+
+
+def validation_images(cfg: TrainConfig) -> list[Path]:
+    """The image files of a config's validation set (the built-in one is written on first use)."""
+    return get_task(cfg.task).dataset(cfg, train=False).image_paths()

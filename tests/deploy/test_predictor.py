@@ -11,9 +11,11 @@ from PIL import Image
 import heads
 from heads.cli import eval_det_main, infer_main
 from heads.data import read_image
-from heads.deploy.predictor import MAX_PIXELS, Detections, Predictor, Segmentation, fuse
+from heads.deploy.predictor import Predictor, fuse
 from heads.detection.builtin import builtin_coco
 from heads.detection.coco import CocoDetection
+from heads.results import Detections, Segmentation
+from heads.segmentation.lraspp import MAX_PIXELS
 
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced"
 

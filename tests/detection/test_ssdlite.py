@@ -113,7 +113,7 @@ def test_forward_batch_and_select_give_torchvisions_detections(torchvision_pair)
     with torch.no_grad():
         for image, expected in zip(images, reference(images)):
             boxes, scores = ours.forward_batch(ours.resize(image)[None])
-            actual = select_detections(boxes[0], scores[0], tuple(image.shape[-2:]), ours.size, **ours.postprocess)
+            actual = select_detections(boxes[0], scores[0], tuple(image.shape[-2:]), ours.size, **ours.settings())
             assert len(actual["boxes"]) == len(expected["boxes"]) > 0 and same_detections(expected, actual)
 
 

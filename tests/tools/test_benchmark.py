@@ -14,7 +14,7 @@ from conftest import same_detections
 
 from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
-from heads.deploy.runtimes import detection_agreement
+from heads.detection.ssdlite import detection_agreement
 from mbbackbones.profile import count_params
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,10 +11,10 @@ from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
 from heads.cli import eval_det_main, eval_seg_main, infer_main
-from heads.deploy.predictor import load_model
 from heads.detection.builtin import builtin_coco
 from heads.detection.coco import CocoDetection
 from heads.detection.evaluate import load_results
+from heads.loading import load as load_model
 from heads.segmentation.builtin import builtin_cityscapes
 from heads.segmentation.cityscapes import PALETTE, Cityscapes
 from heads.segmentation.evaluate import PREDICTION_SUFFIX, official_scores

@@ -185,10 +185,8 @@ def predictor_contenders(name: str, model: nn.Module, photos: Sequence[np.ndarra
 
 def _madds_m(model: nn.Module) -> float:
     """Millions of multiply-adds of the network for one image at the size it is timed at (detection: its own)."""
-    size = (model.size, model.size) if model.task == "detection" else None
-    x = torch.rand(1, 3, *(size or SEGMENT_MADDS_SIZE))
-    network = model.forward_batch if model.task == "detection" else model
-    return round(count_madds(_Call(network), x) / 1e6, 1)
+    x = torch.rand(1, 3, *model.export_size(SEGMENT_MADDS_SIZE if model.dynamic_size() else None))
+    return round(count_madds(_Call(model.forward_batch), x) / 1e6, 1)
 
 
 class _Call(nn.Module):

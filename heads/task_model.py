@@ -1,0 +1,96 @@
+"""The one interface of task models: how a detector or segmenter takes images, runs a batch, turns its outputs
+into results, and what an export needs to know. Prediction, export, evaluation and the benchmark call these and
+never ask which task a model does.
+
+A task model takes images as uint8 [0, 255] or float [0, 1] and normalises them itself (``model.normalize``, the
+statistics of its backbone's weights). Post-processing (:meth:`TaskModel.results`) and resizing
+(:meth:`TaskModel.input_size`) read the model's metadata only, so that an exported file, which carries that metadata,
+is post-processed by the same code as the PyTorch model.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from mbbackbones.choices import ArgumentError
+
+
+class Check(NamedTuple):
+    """One comparison of a runtime's outputs with PyTorch's: a measured value against its limit."""
+
+    name: str
+    value: float
+    limit: float
+    at_most: bool  # the value must be <= limit (else >=)
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+    def __str__(self) -> str:
+        return (f"{self.name} {self.value:.3g} ({'<=' if self.at_most else '>='} {self.limit:g}): "
+                f"{'PASS' if self.passed else 'FAIL'}")
+
+
+class TaskModel(nn.Module):
+    """What every task model (``SSDLite``, ``LRASPP``) states.
+
+    Class attributes:
+        task: its kind, as the registry's table names it ('detection', 'segmentation').
+        result_type: the :class:`heads.results.Result` of one image.
+        output_names: the names of :meth:`forward_batch`'s outputs (and of the exported graph's).
+        class_layers: state-dict prefixes whose shapes follow ``num_classes`` (a new head re-initialises them).
+        float_layers: submodules that INT8 exports keep in float where int8 kernels lose the ranking (LiteRT).
+
+    Instances have ``backbone`` (a ``features_only`` module), ``normalize`` and ``num_classes``.
+    """
+
+    task: str
+    result_type: type
+    output_names: tuple[str, ...]
+    class_layers: tuple[str, ...]
+    float_layers: tuple[str, ...] = ()
+
+    def forward_batch(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The network on a batch [B, 3, H, W] (uint8, or float in [0, 1]) at its input size: plain tensors named
+        :attr:`output_names`, ready for ``torch.export`` and ONNX."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """Post-processing settings, as ``meta["postprocess"]`` records them (none by default)."""
+        return {}
+
+    def export_size(self, size: int | Sequence[int] | None = None) -> tuple[int, int]:
+        """``size`` (S or (H, W)) as the (height, width) an export is traced at; None: the model's default."""
+        raise NotImplementedError
+
+    def dynamic_size(self) -> bool:
+        """Whether an exported graph can take any height and width."""
+        return False
+
+    @staticmethod
+    def input_size(meta: dict, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) a model with metadata ``meta`` takes an image of ``height`` x ``width`` at."""
+        raise NotImplementedError
+
+    @staticmethod
+    def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
+                original_size: Sequence[int]) -> dict:
+        """One image's :attr:`result_type` fields from its :meth:`forward_batch` outputs (the batch dimension
+        removed), at ``original_size`` (H, W)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
+        """How a runtime's outputs ``got`` compare with PyTorch's ``expected`` (batches, at the input size)."""
+        raise NotImplementedError
+
+
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """S or (H, W) as (H, W), positive integers; else a one-line :class:`ArgumentError`."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height < 1 or width < 1:
+        raise ArgumentError(f"size {height}x{width} (HxW): both must be positive")
+    return int(height), int(width)
