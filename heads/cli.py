@@ -130,17 +130,26 @@ def eval_det_main(argv: list[str] | None = None):
 def _eval_det(args):
     from .detection.builtin import builtin_coco
     from .detection.coco import CocoDetection
-    from .detection.evaluate import detect_dataset, evaluate, evaluate_model, load_results, save_results
+    from .detection.evaluate import (
+        detect_dataset,
+        evaluate,
+        evaluate_model,
+        load_results,
+        model_categories,
+        save_results,
+    )
 
     network, config = _network(args, "detection") if args.weights else (None, None)
     label_mode = args.label_mode or (config.label_mode if config else "contiguous")
     dataset = CocoDetection(args.data_root or builtin_coco(), args.split, label_mode=label_mode)
+    categories = model_categories(network.meta, dataset) if network is not None else None  # the model's own ids
     if not dataset.coco.anns:  # test-dev: nothing to score here; the results file is the submission
         if network is None:
             raise ArgumentError(f"{args.split} has no annotations to score --results against")
         if args.out is None:
             raise ArgumentError(f"{args.split} has no annotations: pass --out, where the submission file goes")
-        results, _ = detect_dataset(network, dataset, _device(args), args.batch_size, args.limit)
+        results, _ = detect_dataset(network, dataset, _device(args), args.batch_size, args.limit,
+                                    label_to_category=categories)
         save_results(results, args.out / "detections.json")
         print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server to "
               f"{args.out / 'detections.json'}")
@@ -150,7 +159,7 @@ def _eval_det(args):
                            image_ids=dataset.image_ids[:args.limit])
     else:
         metrics = evaluate_model(network, dataset, _device(args), args.batch_size, args.limit, backend=args.scorer,
-                                 output=args.out)
+                                 output=args.out, label_to_category=categories)
     print(metrics.summary, metrics.per_class_table(), sep="\n\n")
     _write_json(args.json, metrics.to_json())
     return metrics
@@ -198,7 +207,7 @@ def eval_seg_main(argv: list[str] | None = None):
 def _eval_seg(args):
     from .segmentation.builtin import builtin_cityscapes
     from .segmentation.cityscapes import Cityscapes
-    from .segmentation.evaluate import evaluate_folder, evaluate_model, plot_confusion
+    from .segmentation.evaluate import check_categories, evaluate_folder, evaluate_model, plot_confusion
 
     if args.write_predictions and not args.out:
         raise ArgumentError("--write-predictions needs --out (the folder to write them to)")
@@ -212,6 +221,7 @@ def _eval_seg(args):
             plot_confusion(metrics.confusion, dataset.class_names, args.out / "confusion.png")
     else:
         network, _ = _network(args, "segmentation")
+        check_categories(network.meta, dataset)
         metrics = evaluate_model(network, dataset, _device(args), output=args.out, write=args.write_predictions,
                                  mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,
                                  scales=args.scales)

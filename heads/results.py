@@ -77,6 +77,10 @@ class Result:
         """This image's entries of :attr:`records_file` (none by default)."""
         return []
 
+    def prediction(self):
+        """The prediction as evaluation scores it (the PyTorch model's output for the image)."""
+        raise NotImplementedError
+
 
 @dataclass
 class Detections(Result):
@@ -118,6 +122,10 @@ class Detections(Result):
     def records(self) -> list[dict]:
         return self.to_json()
 
+    def prediction(self) -> dict[str, Tensor]:
+        """torchvision's detection output: ``{"boxes", "scores", "labels"}``."""
+        return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
+
 
 @dataclass
 class Segmentation(Result):
@@ -140,6 +148,10 @@ class Segmentation(Result):
         table = np.zeros(256, dtype=np.uint8)
         table[:len(self.dataset_ids)] = self.dataset_ids
         return table[self.mask]
+
+    def prediction(self) -> Tensor:
+        """The class map (H x W)."""
+        return torch.from_numpy(self.mask)
 
     def files(self, out: Path) -> list[Path]:
         return [*super().files(out), out / f"{self.name}_labelIds.png"]

@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from heads.detection.ssdlite import detection_agreement  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -28,22 +30,22 @@ def _default_sigchld():
 
 
 @pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    """Built-in datasets written under a temporary MBBACKBONES_DATA for one test module."""
+def data_home(tmp_path_factory) -> Path:
+    """Built-in datasets written under a temporary MBBACKBONES_DATA for one test module (the folder)."""
+    home = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
-        yield
+        patch.setenv("MBBACKBONES_DATA", str(home))
+        yield home
 
 
 def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit: int | None = None) -> bool:
-    """The same set of detections (label, score and box within ``tolerance``): float noise may swap the order of
-    near-equal scores. ``limit``: the detections-per-image cap; where ``expected`` reaches it, near-ties at the
-    cut-off (float noise decides those) are not compared."""
+    """The same set of detections (label, score and box within ``tolerance``, :func:`detection_agreement` both ways):
+    float noise may swap the order of near-equal scores. ``limit``: the detections-per-image cap; where ``expected``
+    reaches it, near-ties at the cut-off (float noise decides those) are not compared."""
     cutoff = expected["scores"][-1] + tolerance if limit is not None and len(expected["scores"]) == limit else -1.0
-    rows = lambda d: torch.cat([d["labels"][:, None].float(), d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa
-    distance = torch.cdist(rows(actual), rows(expected), p=float("inf"))
-    return bool(distance.min(1).values[actual["scores"] > cutoff].max() <= tolerance and
-                distance.min(0).values[expected["scores"] > cutoff].max() <= tolerance)
+    above = lambda d: {key: d[key][d["scores"] > cutoff] for key in ("boxes", "scores", "labels")}  # noqa: E731
+    return (detection_agreement(above(actual), expected, tolerance=tolerance) == 1 and
+            detection_agreement(above(expected), actual, tolerance=tolerance) == 1)
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

@@ -226,6 +226,11 @@ class Predictor:
             with atomic_write(out / records_file, "w") as file:
                 json.dump(records, file)
 
+    def predictions(self, paths: list[Path]) -> Iterator:
+        """Each image file's prediction as evaluation scores it (:meth:`~heads.results.Result.prediction`): the
+        adapter through which evaluation scores an exported file."""
+        return (result.prediction() for result in self.stream(paths))
+
     def _write(self, result: Result, out: Path, written: set) -> None:
         if result.name in written:
             raise DataError(f"two inputs are named {result.name}: their pictures would overwrite each other in "

@@ -172,19 +172,38 @@ def read_metadata(path: str | Path) -> dict:
         text = next((e.value for e in graph.metadata_props if e.key == METADATA_KEY), None)
     elif format == "openvino":
         ov = require("openvino", format)
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: its weights {weights.name} are missing; copy the .xml and the .bin "
+                                  "together (or export it again)")
         try:
             ir = ov.Core().read_model(str(path))
         except RuntimeError as error:
-            reason = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{path} is not a readable OpenVINO model ({reason}): export it again") from None
+            raise CheckpointError(f"{path} is not a readable OpenVINO model ({_reason(error)}): export it "
+                                  "again") from None
         text = ir.get_rt_info([METADATA_KEY]).astype(str) if ir.has_rt_info([METADATA_KEY]) else None
     elif _sidecar(path).is_file():
         text = _sidecar(path).read_text()
+    where = f" ({_sidecar(path).name} beside it)" if format in STATIC else ""
     if text is None:
-        where = f" ({_sidecar(path).name} beside it)" if format in STATIC else ""
         raise CheckpointError(f"{path} has no mbbackbones metadata{where}: it comes from another exporter or an older "
-                         "version; export it again with tools/export.py")
-    return json.loads(text)
+                              "version; export it again with tools/export.py")
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its metadata{where} is not valid JSON ({error.msg} at character "
+                              f"{error.pos}): export it again") from None
+    if not isinstance(metadata, dict) or "task" not in metadata:
+        raise CheckpointError(f"{path}: its metadata{where} is not an mbbackbones record (a JSON object with 'task'):"
+                              " export it again")
+    return metadata
+
+
+def _reason(error: Exception) -> str:
+    """A runtime's own reason in one line: its last line that says something (OpenVINO puts the source location
+    first and the reason last)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 # -- runtimes -------------------------------------------------------------------------------------------------------

@@ -238,17 +238,17 @@ class _WithoutReplacement(torch.utils.data.Dataset):
 @torch.no_grad()
 def predict_detections(model: nn.Module, dataset, batch_size: int, device, indices=None, workers: int = 0):
     """Detections (torchvision format, original pixels) and image ids for the items ``indices`` (all by default)
-    of a ``CocoDetection`` dataset. ``model`` is a network, or a :class:`~heads.deploy.predictor.Predictor` (an
-    exported file's runtime), which reads the images from their files.
+    of a ``CocoDetection`` dataset. ``model`` is a PyTorch detector, run on the dataset's decoded images as in
+    training, or a backend adapter with ``predictions(paths)`` (an exported file's Predictor), which reads the image
+    files itself.
 
     Images the dataset skips as unreadable (``skip_corrupt``) are left out of both lists, with a warning that
     counts them; evaluate on the returned image ids.
     """
     indices = range(len(dataset)) if indices is None else indices
-    if not isinstance(model, nn.Module):
-        image_ids = [dataset.image_ids[i] for i in indices]
-        paths = [dataset.image_dir / dataset.coco.imgs[image_id]["file_name"] for image_id in image_ids]
-        return [{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in model.stream(paths)], image_ids
+    if hasattr(model, "predictions"):
+        paths = dataset.image_paths()
+        return list(model.predictions([paths[i] for i in indices])), [dataset.image_ids[i] for i in indices]
     model.eval()
     loader = torch.utils.data.DataLoader(_WithoutReplacement(dataset, indices), batch_size, num_workers=workers,
                                          collate_fn=collate_detection)
@@ -271,9 +271,34 @@ def predict_detections(model: nn.Module, dataset, batch_size: int, device, indic
     return detections, image_ids
 
 
+def model_categories(meta: dict, dataset) -> dict[int, int]:
+    """The dataset's category id of each of a model's labels, from the model's metadata (``meta["dataset_ids"]``),
+    checked by name against the dataset's categories: a model of other categories is a one-line DataError naming
+    both. A model whose metadata names no ids takes the dataset's own labels, when it has as many classes."""
+    source = dataset.annotation_file
+    ids = meta.get("dataset_ids")
+    if not ids:
+        if meta["num_classes"] != dataset.num_classes:
+            raise DataError(f"{meta['name']} has {meta['num_classes']} classes (no dataset ids in its metadata) but "
+                            f"{source} gives {dataset.num_classes} labels: evaluate it on the data it was trained on")
+        return dict(dataset.label_to_category)
+    mapping = {label: int(category) for label, category in enumerate(ids) if category is not None and label > 0}
+    cats = dataset.coco.cats
+    wrong = [(label, meta["categories"][label], category, cats[category]["name"]) for label, category in mapping.items()
+             if category in cats and cats[category]["name"] != meta["categories"][label]]
+    if wrong or not set(mapping.values()) & set(cats):
+        label, name, category, theirs = wrong[0] if wrong else (None, None, None, None)
+        detail = (f"its label {label} is {name!r} (category {category}), which {source} calls {theirs!r}" if wrong else
+                  f"none of its category ids is in {source}")
+        raise DataError(f"{meta['name']}'s categories are not the dataset's: {detail}; evaluate it on the data it "
+                        f"was trained on (its categories: {', '.join(c for c in meta['categories'][1:6])}, ...)")
+    return mapping
+
+
 def detect_dataset(model, dataset, device, batch_size: int = 8, limit: int | None = None, workers: int = 0,
-                   env=None) -> tuple[list[dict], list[int]] | None:
-    """COCO results of ``model`` (see :func:`predict_detections`) on the first ``limit`` images, and their ids.
+                   env=None, label_to_category: Mapping[int, int] | None = None) -> tuple[list[dict], list[int]] | None:
+    """COCO results of ``model`` (see :func:`predict_detections`) on the first ``limit`` images, and their ids;
+    labels become category ids through ``label_to_category`` (default: the dataset's; see :func:`model_categories`).
 
     Under torchrun (``env``, the engine's ``Distributed``) each process predicts its share of the images and the
     first process gets them all; the others get None.
@@ -281,7 +306,8 @@ def detect_dataset(model, dataset, device, batch_size: int = 8, limit: int | Non
     count = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(count) if env is None else env.shard(count)
     detections, image_ids = predict_detections(model, dataset, batch_size, device, indices, workers)
-    results = to_coco_results(detections, image_ids, dataset.label_to_category)
+    results = to_coco_results(detections, image_ids, dataset.label_to_category if label_to_category is None
+                              else label_to_category)
     if env is not None:
         results, image_ids = env.gather(results), env.gather(image_ids)
         if not env.main:
@@ -290,11 +316,12 @@ def detect_dataset(model, dataset, device, batch_size: int = 8, limit: int | Non
 
 
 def evaluate_model(model, dataset, device, batch_size: int = 8, limit: int | None = None, workers: int = 0,
-                   backend: str = "pycocotools", output: Path | None = None, env=None) -> CocoMetrics | None:
+                   backend: str = "pycocotools", output: Path | None = None, env=None,
+                   label_to_category: Mapping[int, int] | None = None) -> CocoMetrics | None:
     """COCO box metrics of ``model`` on the first ``limit`` images of a ``CocoDetection`` dataset (see
     :func:`detect_dataset`; None on all but the first process); with ``output``, ``detections.json``,
     ``metrics.txt`` and ``metrics.json`` are written there."""
-    detected = detect_dataset(model, dataset, device, batch_size, limit, workers, env)
+    detected = detect_dataset(model, dataset, device, batch_size, limit, workers, env, label_to_category)
     if detected is None:
         return None
     results, image_ids = detected

@@ -283,14 +283,21 @@ FP32_SCORE_TOLERANCE = 1e-4
 INT8_DETECTION = (10, 30, 0.5, 0.7)  # PyTorch's top 10 found in the runtime's top 30 (same label, IoU >= 0.5): 70%
 
 
-def detection_agreement(expected: dict, got: dict, top: int, among: int, iou: float) -> float:
-    """The fraction of ``expected``'s first ``top`` detections that ``got``'s first ``among`` contain (same label,
-    box IoU >= ``iou``); 1 when ``expected`` has none."""
-    expected = {key: value[:top] for key, value in expected.items() if isinstance(value, Tensor)}
-    got = {key: value[:among] for key, value in got.items() if isinstance(value, Tensor)}
+def detection_agreement(expected: dict, got: dict, top: Optional[int] = None, among: Optional[int] = None,
+                        iou: float = 0.5, tolerance: Optional[float] = None) -> float:
+    """The share of ``expected``'s first ``top`` detections (all: None) that ``got``'s first ``among`` hold: the same
+    label and a box of IoU >= ``iou``; or, with ``tolerance``, the score and each box coordinate (in thousands of
+    pixels) within ``tolerance``. 1 when ``expected`` has none."""
+    expected = {key: expected[key][:top] for key in ("boxes", "scores", "labels")}
+    got = {key: got[key][:among] for key in ("boxes", "scores", "labels")}
     if not len(expected["labels"]):
         return 1.0
-    same = (expected["labels"][:, None] == got["labels"][None]) & (box_iou(expected["boxes"], got["boxes"]) >= iou)
+    same = expected["labels"][:, None] == got["labels"][None]
+    if tolerance is None:
+        same &= box_iou(expected["boxes"], got["boxes"]) >= iou
+    else:
+        rows = lambda d: torch.cat([d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa: E731
+        same &= torch.cdist(rows(expected), rows(got), p=float("inf")) <= tolerance
     return same.any(1).float().mean().item()
 
 

@@ -248,6 +248,17 @@ def official_scores(pred_files, gt_files) -> dict:
     }
 
 
+def check_categories(meta: dict, dataset) -> None:
+    """A model scored on ``dataset`` must predict its classes, in its order (by name; by count for a model whose
+    metadata names no dataset ids): else one line naming both."""
+    named = meta.get("dataset_ids") is not None
+    if (list(meta["categories"]) if named else meta["num_classes"]) != (list(dataset.class_names) if named else
+                                                                          len(dataset.class_names)):
+        raise DataError(f"{meta['name']} predicts {meta['num_classes']} classes ({', '.join(meta['categories'][:4])}, "
+                        f"...) but {dataset.root} holds {len(dataset.class_names)} "
+                        f"({', '.join(dataset.class_names[:4])}, ...): evaluate it on the data it was trained on")
+
+
 def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, output: Path | None = None,
                    write: bool = False, workers: int = 0, env=None, **options) -> SegMetrics:
     """Confusion-matrix metrics of ``model`` on ``dataset`` (images decoded by ``workers`` processes, ``options``
@@ -279,16 +290,16 @@ def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, 
 
 def _predictions(model, dataset, indices, device, workers: int, options: dict):
     """``(index, predicted train ids, target train ids)`` for the dataset items ``indices``: from a network (with
-    :func:`~heads.segmentation.inference.predict` ``options``), or from a
-    :class:`~heads.deploy.predictor.Predictor` (an exported file's runtime) on the image files."""
-    if not isinstance(model, nn.Module):
+    :func:`~heads.segmentation.inference.predict` ``options``), or from a backend adapter with
+    ``predictions(paths)`` (an exported file's Predictor), which reads the image files itself."""
+    if hasattr(model, "predictions"):
         if any(value != default for value, default in ((options.get("mode", "whole"), "whole"),
                                                          (options.get("flip", False), False),
                                                          (list(options.get("scales", [1.0])), [1.0]))):
             raise ValueError("sliding windows, flips and scales need the PyTorch model, not an exported file")
-        results = model.stream([dataset.files[i][0] for i in indices])
-        for index, result in zip(indices, results):
-            yield index, torch.from_numpy(result.mask).to(device), torch.from_numpy(dataset.load(index)[1]).to(device)
+        paths = dataset.image_paths()
+        for index, mask in zip(indices, model.predictions([paths[i] for i in indices])):
+            yield index, mask.to(device), torch.from_numpy(dataset.load(index)[1]).to(device)
         return
     model.eval()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), num_workers=workers)

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarking.workloads import calibrated_torchvision_detector
+from conftest import randomize_batchnorm, same_detections
 from PIL import Image
+from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+from torchvision.transforms.functional import normalize
 
 import heads
 from heads.cli import eval_det_main, infer_main
@@ -18,6 +22,7 @@ from heads.results import Detections, Segmentation
 from heads.segmentation.lraspp import MAX_PIXELS
 
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 pytestmark = pytest.mark.usefixtures("data_home")  # built-in sets written under a temporary folder
@@ -42,18 +47,30 @@ def uint8_batch(image: np.ndarray, size) -> torch.Tensor:
                          align_corners=False)
 
 
-def test_detections_are_the_models_on_the_resized_photo(detector):
-    predictor = Predictor(detector.folder, fuse=False)
+@pytest.fixture(scope="module")
+def torchvision_detector(tmp_path_factory):
+    """torchvision's ssdlite320_mobilenet_v3_large with BatchNorm statistics of real photos, and its weights file."""
+    photos = [torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float() / 255
+              for path in heads.SAMPLE_IMAGES.values()]
+    reference = calibrated_torchvision_detector(photos)
+    path = tmp_path_factory.mktemp("tv") / "ssdlite320_tv.pth"
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_detections_are_torchvisions_on_the_resized_photo(torchvision_detector):
+    reference, path = torchvision_detector
+    predictor = Predictor(path, name="ssdlite320_mbv3_large_reduced", fuse=False)
     image = read_image(heads.SAMPLE_IMAGES["3dogs"])
     result = predictor(image)[0]
-    model = heads.create_model(DETECTOR, pretrained=detector.best).eval()
-    with torch.no_grad():
-        boxes, scores = model.forward_batch(uint8_batch(image, (320, 320)).float() / 255)
-    expected = model.select(boxes[0], scores[0], image.shape[:2])
-    assert isinstance(result, Detections) and len(result.boxes) > 0
-    for key in ("boxes", "scores", "labels"):
-        torch.testing.assert_close(getattr(result, key), expected[key])
-    assert result.names == [model.meta["categories"][label] for label in expected["labels"].tolist()]
+    with torch.no_grad():  # torchvision on the photo resized once in uint8 (its own 320x320 resize is then exact)
+        expected = reference([uint8_batch(image, (320, 320))[0].float() / 255])[0]
+    height, width = image.shape[:2]
+    expected["boxes"] = expected["boxes"] * torch.tensor([width, height, width, height]) / 320
+    assert isinstance(result, Detections) and len(result.boxes) == len(expected["boxes"]) > 0
+    actual = {key: getattr(result, key) for key in ("boxes", "scores", "labels")}
+    assert same_detections(expected, actual, limit=300)
+    assert result.names == [predictor.categories[label] for label in expected["labels"].tolist()]
     assert result.timings.model_ms > 0 and result.timings.total_ms >= result.timings.model_ms
 
 
@@ -143,6 +160,24 @@ def test_thresholds_change_the_models_detections(detector):
         Predictor(heads.create_model(SEGMENTER), score_thresh=0.5)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(score_thresh=1.5), "score_thresh=1.5 must be a number in [0, 1]"),
+    (dict(score_thresh=float("nan")), "score_thresh=nan must be a number in [0, 1]"),
+    (dict(nms_thresh=7), "nms_thresh=7 must be a number in [0, 1]"),
+    (dict(max_det=-1), "max_det=-1 must be an integer of at least 1"),
+])
+def test_out_of_range_thresholds_are_refused(options, message, detector):
+    with pytest.raises(ValueError) as error:
+        Predictor(detector.folder, **options)
+    assert message in str(error.value)
+
+
+def test_a_float_image_outside_0_1_is_refused(detector):
+    photo = torch.from_numpy(read_image(heads.SAMPLE_IMAGES["3dogs"]).copy()).permute(2, 0, 1).float()  # 0..255
+    with pytest.raises(ValueError, match=r"float images are in \[0, 1\], this one spans [0-9.]+\.\.[0-9.]+; pass"):
+        Predictor(detector.folder)(photo)
+
+
 def test_results_plot_save_and_json(detector, segmenter, tmp_path):
     detections = Predictor(detector.folder, score_thresh=0.05)(heads.SAMPLE_IMAGES["3dogs"])[0]
     picture = detections.plot()
@@ -158,13 +193,15 @@ def test_results_plot_save_and_json(detector, segmenter, tmp_path):
     assert mask.plot().shape == mask.image.shape
 
 
-def test_segmentation_is_the_models_argmax(segmenter):
+def test_segmentation_is_torchvisions_argmax(tmp_path):
+    reference = randomize_batchnorm(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21))
+    torch.save(reference.state_dict(), tmp_path / "lraspp_tv.pth")
     image = read_image(heads.SAMPLE_IMAGES["kitten"])
-    result = Predictor(segmenter, fuse=False)(image)[0]
-    with torch.no_grad():
-        x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None]
-        expected = segmenter(segmenter.normalize(x))[0].argmax(0)
-    assert np.array_equal(result.mask, expected.numpy())
+    result = Predictor(tmp_path / "lraspp_tv.pth", name="lraspp_mbv3_large", fuse=False)(image)[0]
+    with torch.no_grad():  # torchvision's input: the photo in [0, 1], ImageNet-normalised
+        x = normalize(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+        expected = reference(x[None])["out"][0].argmax(0)
+    assert result.mask.shape == image.shape[:2] and (result.mask == expected.numpy()).mean() >= 0.999
 
 
 def test_a_huge_image_is_segmented_at_a_bounded_size(segmenter):

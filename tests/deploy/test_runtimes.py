@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from benchmarking.workloads import calibrated_torchvision_detector
 from conftest import REAL, randomize_batchnorm
 from torch import nn
 
@@ -151,6 +152,32 @@ def test_fp32_detector_gives_pytorchs_boxes_scores_and_detections(format, models
         assert detection_agreement(theirs, ours, 300, 300, iou=0.999) >= 0.99
 
 
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """torchvision's ssdlite320_mobilenet_v3_large as a trained detector looks: BatchNorm statistics of real photos
+    and a confident background (few candidates), loaded into ours; and its check images."""
+    photos = [torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float() / 255
+              for path in SAMPLE_IMAGES.values()]
+    path = tmp_path_factory.mktemp("trained_like") / "ssdlite320_tv.pth"
+    torch.save(calibrated_torchvision_detector(photos, background_logit=9.0).state_dict(), path)
+    model = create_model("ssdlite320_mbv3_large_reduced", pretrained=str(path)).eval()
+    images = [export.model_input(model, read_image(p)) for p in [*SAMPLE_IMAGES.values(), REAL / "gray.jpg"]]
+    return model, images
+
+
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fp32", "int8"])
+@pytest.mark.parametrize("format", FORMATS)
+def test_a_trained_like_detector_passes_the_export_check(format, int8, trained_like, tmp_path):
+    """The export tool's check (runtimes.check) accepts a correct export of a trained-like network: box rounding
+    after the decoding's exponential is ~1e-2 px at 320, so the box tolerance is relative to the input size."""
+    pytest.importorskip(PACKAGES[format])
+    model, images = trained_like
+    path = runtimes.export(model, tmp_path / f"d{runtimes.FORMATS[format]}", int8=int8,
+                           calibration=images if int8 else None)
+    checks = runtimes.check(model, runtimes.load(path, threads=1), torch.from_numpy(np.concatenate(images[:2])))
+    assert checks and all(check.passed for check in checks), "; ".join(map(str, checks))
+
+
 @pytest.mark.parametrize("format", FORMATS)
 def test_fp32_segmenter_gives_pytorchs_logits(format, models, exported):
     model = models[SEGMENTER]
@@ -257,6 +284,28 @@ def test_files_without_metadata_or_corrupt_are_one_line_errors(exported, tmp_pat
         runtimes.load(program)
     with pytest.raises(ValueError, match="suffix is none of .onnx, .xml, .pte, .tflite"):
         runtimes.load(tmp_path / "model.engine")
+
+
+def test_broken_companions_and_suffix_case(exported, tmp_path):
+    """What outside checks found: a missing OpenVINO .bin, an upper-case suffix, a broken metadata sidecar."""
+    from heads.loading import load
+
+    pytest.importorskip("openvino")
+    ir = tmp_path / "ir" / "model.xml"
+    ir.parent.mkdir()
+    shutil.copy(exported("openvino", SEGMENTER), ir)  # without its .bin
+    with pytest.raises(ValueError, match=r"model.xml: its weights model.bin are missing; copy the .xml and the .bin"):
+        runtimes.load(ir)
+    upper = tmp_path / "MODEL.ONNX"
+    shutil.copy(exported("onnx", SEGMENTER), upper)
+    assert load(upper).runtime.format == "onnx"  # an exported file, not a truncated PyTorch checkpoint
+    pytest.importorskip("executorch")
+    program = tmp_path / "model.pte"
+    shutil.copy(exported("executorch", SEGMENTER), program)
+    for text, message in [('{"task": "segm', "is not valid JSON"), ("[1, 2]", "is not an mbbackbones record")]:
+        (tmp_path / "model.pte.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"model.pte: its metadata \(model.pte.json beside it\) {message}"):
+            runtimes.load(program)
 
 
 def test_a_mismatched_file_is_a_one_line_error(exported):

@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms
 
 import heads
 from heads.assets import SAMPLE_IMAGES
-from heads.detection.ssdlite import greedy_nms, select_detections
+from heads.detection.ssdlite import detection_agreement, greedy_nms, select_detections
 from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.profile import count_madds, count_params
 
@@ -203,3 +203,30 @@ def test_errors_are_one_line(torchvision_pair, tmp_path):
         model.eval()([torch.zeros(320, 320, 3, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="degenerate box"):
         model.train()([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5.0, 5, 5, 9]]), "labels": torch.tensor([1])}])
+
+
+def _detections(*rows) -> dict:
+    """Detections from (label, score, x1, y1, x2, y2) rows."""
+    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+    return {"labels": table[:, 0].long(), "scores": table[:, 1], "boxes": table[:, 2:]}
+
+
+def test_detection_agreement_on_hand_made_cases():
+    expected = _detections((1, 0.9, 0, 0, 100, 100), (2, 0.8, 50, 50, 150, 150))
+    assert detection_agreement(expected, expected) == 1.0
+    assert detection_agreement(_detections(), expected) == 1.0  # nothing expected
+    # same boxes, the second under another label: half found
+    assert detection_agreement(expected, _detections((1, 0.9, 0, 0, 100, 100), (3, 0.8, 50, 50, 150, 150))) == 0.5
+    shifted = _detections((1, 0.9, 10, 0, 110, 100), (2, 0.8, 50, 50, 150, 150))  # IoU 90/110 = 0.818
+    assert detection_agreement(expected, shifted, iou=0.8) == 1.0
+    assert detection_agreement(expected, shifted, iou=0.85) == 0.5
+    assert detection_agreement(expected, shifted, top=1, iou=0.85) == 0.0  # only the first counts
+    swapped = _detections((2, 0.8, 50, 50, 150, 150), (1, 0.9, 0, 0, 100, 100))
+    assert detection_agreement(expected, swapped, among=1) == 0.5  # only the other's first is searched
+    # tolerance: score and coordinates (in 1000 px) within it
+    nudged = _detections((1, 0.90005, 0.05, 0, 100, 100), (2, 0.8003, 50, 50, 150, 150))
+    assert detection_agreement(expected, nudged, tolerance=1e-4) == 0.5
+    assert detection_agreement(expected, nudged, tolerance=1e-3) == 1.0
+    assert detection_agreement(expected, _detections((1, 0.9, 0.5, 0, 100, 100)), tolerance=1e-4) == 0.0  # 0.5 px
+    assert same_detections(expected, swapped)  # in any order
+    assert not same_detections(expected, _detections((1, 0.9, 0, 0, 100, 100)))  # one missing

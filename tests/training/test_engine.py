@@ -23,13 +23,11 @@ def tiny(tmp_path, data_root, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """The built-in COCO-format set, in a temporary $MBBACKBONES_DATA."""
+def data_root(data_home):
+    """The built-in COCO-format set, in the module's data home."""
     from heads.detection.builtin import builtin_coco
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MBBACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
-        yield builtin_coco()
+    return builtin_coco()
 
 
 def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
