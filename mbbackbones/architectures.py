@@ -1,7 +1,8 @@
-"""MobileNet V1, V2 and V3 as tables, and the one function that sizes them.
+"""MobileNet V1, V2, V3 and V4 as tables, and the one function that sizes them.
 
 Each ``Row`` is one block, with the columns of the MobileNetV3 paper's Tables 1-2:
 kernel, expansion ("exp size": channels the depthwise conv sees), out, SE, activation, stride.
+Each ``V4Row`` is one MobileNetV4 block, with the columns of the MobileNetV4 paper's architecture tables.
 Width, reduced tail and output stride never edit a table: ``resolve`` applies them.
 """
 from __future__ import annotations
@@ -91,19 +92,185 @@ V1 = (
 )
 
 
+class V4Row(NamedTuple):
+    """One MobileNetV4 block: the paper's columns (block, DW K1, DW K2, expanded dim, output dim, stride), then the
+    Mobile MQA's own (heads, key dim, key/value stride).
+
+    ``block`` is "uib" (universal inverted bottleneck), "fused" (fused IB: a full kxk conv expands, a 1x1 projects),
+    "conv" (a full conv with BN and activation, as timm builds the small model's first rows) or "mqa" (Mobile MQA).
+    For a UIB, ``start`` and ``middle`` are the kernels of its depthwise convs before and after the 1x1 expansion,
+    0 = absent: both = ExtraDW, middle only = IB, start only = ConvNext, neither = FFN. Conv and fused rows keep
+    their kernel in ``middle`` (the paper's DW K2 column), Mobile MQA the kernel of its key/value down-sampling.
+    ``expansion`` 0 = none (conv and MQA rows). Every block uses the architecture's activation.
+    """
+
+    block: str
+    start: int
+    middle: int
+    expansion: int
+    out: int
+    stride: int
+    heads: int = 0
+    key_dim: int = 0
+    kv_stride: int = 1
+
+
+def uib(start: int, middle: int, expansion: int, out: int, stride: int) -> V4Row:
+    return V4Row("uib", start, middle, expansion, out, stride)
+
+
+def fused(kernel: int, expansion: int, out: int, stride: int) -> V4Row:
+    return V4Row("fused", 0, kernel, expansion, out, stride)
+
+
+def conv(kernel: int, out: int, stride: int) -> V4Row:
+    return V4Row("conv", 0, kernel, 0, out, stride)
+
+
+def mqa(heads: int, key_dim: int, kv_stride: int, out: int) -> V4Row:
+    """``heads`` queries of ``key_dim`` channels share one key and one value head, those down-sampled by a 3x3
+    stride-``kv_stride`` depthwise conv (1: none)."""
+    return V4Row("mqa", 0, 3, 0, out, 1, heads, key_dim, kv_stride)
+
+
+# MobileNetV4 tables, one row per block as timm builds them (mobilenetv4_*): the paper's appendix tables (the paper
+# names the blocks of the small model's first rows fused IBs; timm and the TensorFlow reference build them as a 3x3
+# and a 1x1 conv, each with BN and ReLU). The stem is a 3x3 stride-2 conv, C5 a 1x1 conv to 960 channels.
+# (Below width 1, timm keeps V4's stem at the table's width; ``resolve`` narrows it, as for V1-V3.)
+# uib(start dw kernel, middle dw kernel, expansion, out, stride); fused(kernel, expansion, out, stride);
+# conv(kernel, out, stride); mqa(heads, key dim, key/value stride, out)
+
+# MobileNetV4-Conv-S; stem 32
+V4_CONV_SMALL = (
+    conv(3, 32, 2),
+    conv(1, 32, 1),
+    conv(3, 96, 2),
+    conv(1, 64, 1),
+    uib(5, 5, 192, 96, 2),
+    *[uib(0, 3, 192, 96, 1)] * 4,
+    uib(3, 0, 384, 96, 1),
+    uib(3, 3, 576, 128, 2),
+    uib(5, 5, 512, 128, 1),
+    uib(0, 5, 512, 128, 1),
+    uib(0, 5, 384, 128, 1),
+    *[uib(0, 3, 512, 128, 1)] * 2,
+)
+
+# MobileNetV4-Conv-M; stem 32
+V4_CONV_MEDIUM = (
+    fused(3, 128, 48, 2),
+    uib(3, 5, 192, 80, 2),
+    uib(3, 3, 160, 80, 1),
+    uib(3, 5, 480, 160, 2),
+    *[uib(3, 3, 640, 160, 1)] * 2,
+    uib(3, 5, 640, 160, 1),
+    uib(3, 3, 640, 160, 1),
+    uib(3, 0, 640, 160, 1),
+    uib(0, 0, 320, 160, 1),
+    uib(3, 0, 640, 160, 1),
+    uib(5, 5, 960, 256, 2),
+    uib(5, 5, 1024, 256, 1),
+    *[uib(3, 5, 1024, 256, 1)] * 2,
+    uib(0, 0, 1024, 256, 1),
+    uib(3, 0, 1024, 256, 1),
+    uib(3, 5, 512, 256, 1),
+    uib(5, 5, 1024, 256, 1),
+    *[uib(0, 0, 1024, 256, 1)] * 2,
+    uib(5, 0, 512, 256, 1),
+)
+
+# MobileNetV4-Conv-L and Hybrid-L share these rows: strides 4 and 8 and the start of stride 16; the start of
+# stride 32
+V4_LARGE_TO_16 = (
+    fused(3, 96, 48, 2),
+    uib(3, 5, 192, 96, 2),
+    uib(3, 3, 384, 96, 1),
+    uib(3, 5, 384, 192, 2),
+    *[uib(3, 3, 768, 192, 1)] * 3,
+    uib(3, 5, 768, 192, 1),
+)
+V4_LARGE_32 = (
+    uib(5, 5, 768, 512, 2),
+    *[uib(5, 5, 2048, 512, 1)] * 3,
+    uib(5, 0, 2048, 512, 1),
+    uib(5, 3, 2048, 512, 1),
+    *[uib(5, 0, 2048, 512, 1)] * 2,
+    uib(5, 3, 2048, 512, 1),
+    uib(5, 5, 2048, 512, 1),
+)
+
+# MobileNetV4-Conv-L; stem 24
+V4_CONV_LARGE = (
+    *V4_LARGE_TO_16,
+    *[uib(5, 3, 768, 192, 1)] * 5,
+    uib(3, 0, 768, 192, 1),
+    *V4_LARGE_32,
+    *[uib(5, 0, 2048, 512, 1)] * 3,
+)
+
+# MobileNetV4-Hybrid-M: Mobile MQA (4 heads of 64; keys and values down-sampled by 2 at stride 16) between the
+# UIBs of strides 16 and 32; stem 32
+V4_HYBRID_MEDIUM = (
+    fused(3, 128, 48, 2),
+    uib(3, 5, 192, 80, 2),
+    uib(3, 3, 160, 80, 1),
+    uib(3, 5, 480, 160, 2),
+    uib(0, 0, 320, 160, 1),
+    uib(3, 3, 640, 160, 1),
+    uib(3, 5, 640, 160, 1),
+    mqa(4, 64, 2, 160),
+    uib(3, 3, 640, 160, 1),
+    mqa(4, 64, 2, 160),
+    uib(3, 0, 640, 160, 1),
+    mqa(4, 64, 2, 160),
+    uib(3, 3, 640, 160, 1),
+    mqa(4, 64, 2, 160),
+    uib(3, 0, 640, 160, 1),
+    uib(5, 5, 960, 256, 2),
+    uib(5, 5, 1024, 256, 1),
+    *[uib(3, 5, 1024, 256, 1)] * 2,
+    uib(0, 0, 512, 256, 1),
+    uib(3, 5, 512, 256, 1),
+    uib(0, 0, 512, 256, 1),
+    uib(0, 0, 1024, 256, 1),
+    mqa(4, 64, 1, 256),
+    uib(3, 0, 1024, 256, 1),
+    mqa(4, 64, 1, 256),
+    uib(5, 5, 1024, 256, 1),
+    mqa(4, 64, 1, 256),
+    uib(5, 0, 1024, 256, 1),
+    mqa(4, 64, 1, 256),
+    uib(5, 0, 1024, 256, 1),
+)
+
+# MobileNetV4-Hybrid-L: Conv-L's shared rows, then Mobile MQA (8 heads of 48 at stride 16, keys and values
+# down-sampled by 2; 8 heads of 64 at stride 32) between UIBs; stem 24, GELU
+V4_HYBRID_LARGE = (
+    *V4_LARGE_TO_16,
+    *[uib(5, 3, 768, 192, 1)] * 2,
+    *[mqa(8, 48, 2, 192), uib(5, 3, 768, 192, 1)] * 3,
+    mqa(8, 48, 2, 192),
+    uib(3, 0, 768, 192, 1),
+    *V4_LARGE_32,
+    *[mqa(8, 64, 1, 512), uib(5, 0, 2048, 512, 1)] * 4,
+)
+
+
 @dataclass(frozen=True)
 class Arch:
     """Everything around the block table."""
 
-    family: str                 # "v1" | "v2" | "v3": picks the block type and the head
-    rows: tuple[Row, ...]
+    family: str                 # "v1" | "v2" | "v3" | "v4": picks the block types
+    rows: tuple[Row, ...] | tuple[V4Row, ...]
     stem: int                   # channels of the 3x3 stride-2 stem conv
     act: str                    # activation of the stem, the last conv and the head
     last_conv: int | None       # 1x1 conv after the blocks (C5); None: the last block is C5
     last_conv_narrows: bool     # False: width < 1 keeps the table's last conv (V2's 1280)
-    head_hidden: int | None     # Linear between pooling and classifier (V3's 1280 / 1024)
+    head_hidden: int | None     # Linear between pooling and classifier (V3's 1280 / 1024, V4's 1280)
     norm_eps: float
     norm_momentum: float
+    head_norm: bool = False     # the hidden layer has BN (before its activation) instead of a bias (V4)
+    layer_scale: float = 0.0    # initial layer scale of the UIB and MQA residual branches; 0: none (V4 hybrids)
 
 
 ARCHS = {
@@ -111,6 +278,13 @@ ARCHS = {
     "v3_small": Arch("v3", V3_SMALL, 16, "hswish", 576, True, 1024, 1e-3, 0.01),
     "v2": Arch("v2", V2, 32, "relu6", 1280, False, None, 1e-5, 0.1),
     "v1": Arch("v1", V1, 32, "relu6", None, True, None, 1e-5, 0.1),
+    "v4_conv_small": Arch("v4", V4_CONV_SMALL, 32, "relu", 960, True, 1280, 1e-5, 0.1, head_norm=True),
+    "v4_conv_medium": Arch("v4", V4_CONV_MEDIUM, 32, "relu", 960, True, 1280, 1e-5, 0.1, head_norm=True),
+    "v4_conv_large": Arch("v4", V4_CONV_LARGE, 24, "relu", 960, True, 1280, 1e-5, 0.1, head_norm=True),
+    "v4_hybrid_medium": Arch("v4", V4_HYBRID_MEDIUM, 32, "relu", 960, True, 1280, 1e-5, 0.1, head_norm=True,
+                             layer_scale=1e-5),
+    "v4_hybrid_large": Arch("v4", V4_HYBRID_LARGE, 24, "gelu", 960, True, 1280, 1e-5, 0.1, head_norm=True,
+                            layer_scale=1e-5),
 }
 
 
@@ -118,12 +292,18 @@ class BlockSpec(NamedTuple):
     in_channels: int
     expansion_channels: int
     out_channels: int
-    kernel: int
+    kernel: int                 # the (middle) depthwise conv's; a V4 conv or fused row's conv; MQA's key/value one
     stride: int
     dilation: int
     se_channels: int
     act: str
     reduction: int              # nominal output stride of the block, before dilation
+    block: str = "inverted"     # "separable" (V1), "inverted" (V2, V3), or a V4Row's block
+    start_kernel: int = 0       # UIB: the depthwise conv before the expansion (0: none)
+    heads: int = 0              # Mobile MQA: query heads, key (= value) channels, key/value down-sampling stride
+    key_dim: int = 0
+    kv_stride: int = 1
+    layer_scale: float = 0.0    # initial layer scale of the residual branch (0: none)
 
 
 class Resolved(NamedTuple):
@@ -156,14 +336,20 @@ def resolve(arch: Arch, width: float = 1.0, reduced_tail: bool = False, output_s
     stem = scale(arch.stem)
     in_ref, in_channels, reduction, dilation, blocks = arch.stem, stem, 2, 1, []
     for row in arch.rows:
-        expansion = make_divisible(in_channels * row.expansion / in_ref, 8)
+        expansion = make_divisible(in_channels * row.expansion / in_ref, 8) if row.expansion else in_channels
         reduction *= row.stride
         block_stride = row.stride if reduction <= output_stride else 1
         dilation *= row.stride // block_stride
-        se = make_divisible(expansion // 4, 8) if row.se else 0
         out = scale(row.out)
-        blocks.append(BlockSpec(in_channels, expansion, out, row.kernel, block_stride, dilation, se, row.act,
-                                reduction))
+        if isinstance(row, V4Row):
+            columns = dict(kernel=row.middle, se_channels=0, act=arch.act, block=row.block, start_kernel=row.start,
+                           heads=row.heads, key_dim=row.key_dim, kv_stride=row.kv_stride,
+                           layer_scale=arch.layer_scale)
+        else:
+            columns = dict(kernel=row.kernel, se_channels=make_divisible(expansion // 4, 8) if row.se else 0,
+                           act=row.act, block="separable" if arch.family == "v1" else "inverted")
+        blocks.append(BlockSpec(in_channels, expansion, out, stride=block_stride, dilation=dilation,
+                                reduction=reduction, **columns))
         in_ref, in_channels = row.out, out
     last_width = width if arch.last_conv_narrows else max(width, 1.0)
     last_conv = make_divisible(arch.last_conv * last_width, 8) if arch.last_conv else None

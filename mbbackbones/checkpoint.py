@@ -21,13 +21,22 @@ SIGNATURES = {
     "features.0.0.weight": "torchvision",
     "conv_stem.weight": "timm",
 }
-# timm block layers -> ours, for inverted residuals (with conv_pwl) and depthwise-separable blocks
+# timm block layers (a layer's name, or its first part) -> ours; layers not named keep their names
 TIMM_INVERTED = {"conv_pw": "expand.conv", "bn1": "expand.bn", "conv_dw": "depthwise.conv", "bn2": "depthwise.bn",
                  "se.conv_reduce": "se.fc1", "se.conv_expand": "se.fc2", "conv_pwl": "project.conv",
                  "bn3": "project.bn"}
 TIMM_SEPARABLE = {"conv_dw": "depthwise.conv", "bn1": "depthwise.bn", "se.conv_reduce": "se.fc1",
                   "se.conv_expand": "se.fc2", "conv_pw": "project.conv", "bn2": "project.bn"}
-TIMM_TOP = {"conv_stem": "stem.conv", "bn1": "stem.bn", "classifier": "classifier"}
+# each timm block type, told apart by a layer that only it has (the first match counts), and its table
+TIMM_BLOCKS = (
+    ("pw_exp", {"dw_start": "expand.start", "pw_exp": "expand", "dw_mid": "depthwise", "pw_proj": "project"}),  # UIB
+    ("conv_exp", {"conv_exp": "fused.conv", "bn1": "fused.bn", "conv_pwl": "project.conv", "bn2": "project.bn"}),
+    ("attn", {}),  # Mobile MQA: norm, attn.*, layer_scale as ours
+    ("conv_pwl", TIMM_INVERTED),
+    ("conv", {"conv": "conv.conv", "bn1": "conv.bn"}),  # ConvBnAct
+    ("conv_dw", TIMM_SEPARABLE),
+)
+TIMM_TOP = {"conv_stem": "stem.conv", "bn1": "stem.bn", "norm_head": "head_norm", "classifier": "classifier"}
 # torchvision: the conv+BN units of a block, by how many it has
 TORCHVISION_UNITS = {2: ("depthwise", "project"), 3: ("expand", "depthwise", "project")}
 CLASSIFIER = ("classifier.weight", "classifier.bias")
@@ -123,14 +132,24 @@ def _number(prefixes) -> dict[str, int]:
     return {prefix: index for index, prefix in enumerate(ordered)}
 
 
+def _timm_layer(layer: str, names: set[str]) -> str:
+    """A timm block layer's name here; ``names``: all the layers of its block, which tell the block type."""
+    parts = {name.split(".")[0] for name in names}
+    table = next((table for signature, table in TIMM_BLOCKS if signature in parts), TIMM_SEPARABLE)
+    head, dot, rest = layer.partition(".")
+    return table.get(layer) or (table[head] + dot + rest if head in table else layer)
+
+
 def timm_names(keys) -> dict[str, str]:
-    """timm ``EfficientNet`` / ``MobileNetV3`` keys -> ours."""
+    """timm ``EfficientNet`` / ``MobileNetV3`` (V3, V4) keys -> ours."""
     keys = list(keys)
     layers = defaultdict(set)
     for key in keys:
         if m := re.match(r"(blocks\.\d+\.\d+)\.(.+)\.\w+$", key):
             layers[m[1]].add(m[2])
-    last_conv = {p for p, names in layers.items() if "conv" in names}  # timm V3's 'cn' stage
+    order = _number(layers)
+    last = max(order, key=order.get, default=None)
+    last_conv = {last} if layers.get(last) == {"conv", "bn1"} else set()  # the final 1x1 'cn' stage (V3, V4)
     index = _number(set(layers) - last_conv)
     top = dict(TIMM_TOP, conv_head="last_conv.conv" if "bn2.weight" in keys else "head_fc", bn2="last_conv.bn")
     names = {}
@@ -140,8 +159,7 @@ def timm_names(keys) -> dict[str, str]:
         if prefix in last_conv:
             new = {"conv": "last_conv.conv", "bn1": "last_conv.bn"}.get(layer)
         elif prefix:
-            table = TIMM_INVERTED if "conv_pwl" in layers[prefix] else TIMM_SEPARABLE
-            new = f"blocks.{index[prefix]}.{table[layer]}" if layer in table else None
+            new = f"blocks.{index[prefix]}.{_timm_layer(layer, layers[prefix])}"
         else:
             new = top.get(layer)
         names[key] = f"{new}.{param}" if new else key

@@ -1,4 +1,4 @@
-"""One MobileNet class for V1, V2 and V3, speaking timm's model API."""
+"""One MobileNet class for V1, V2, V3 and V4, speaking timm's model API."""
 
 from functools import partial
 from itertools import groupby
@@ -12,7 +12,7 @@ from torch import nn
 
 from .architectures import ARCHS, resolve
 from .choices import ArgumentError, check_choice
-from .layers import ConvNormAct, DepthwiseSeparable, InvertedResidual, PointwiseLinear
+from .layers import ACTIVATIONS, BLOCKS, ConvNormAct, PointwiseBatchNorm, PointwiseLinear
 
 OUTPUT_STRIDES = (8, 16, 32)
 FEATURE_LOCATIONS = ("block", "downsample", "expansion")
@@ -22,31 +22,34 @@ LEVELS = (2, 4, 8, 16, 32)  # nominal strides of C1..C5
 
 
 class MobileNet(nn.Module):
-    """MobileNet V1/V2/V3 backbone and classifier.
+    """MobileNet V1/V2/V3/V4 backbone and classifier.
 
     Args:
-        arch: key of ``architectures.ARCHS`` ("v3_large", "v3_small", "v2", "v1").
+        arch: key of ``architectures.ARCHS`` ("v3_large", "v3_small", "v2", "v1", "v4_conv_small", ...).
         width: width multiplier alpha.
         reduced_tail: halve the channels between C4 and C5 (paper Table 6, torchvision).
-        output_stride: 32, 16 or 8; the stages past it are dilated instead of strided.
+        output_stride: 32, 16 or 8; the stages past it are dilated instead of strided (V4 hybrids: Mobile MQA's
+            key/value down-sampling conv is dilated too and keeps its stride; attention without it is unchanged).
         feature_location: where C1..C4 are tapped: "block" (output of the last block at each
             stride), "downsample" (output of the first block at each stride, the one that strides:
             torchvision's C_n taps, read by its LR-ASPP) or "expansion" (output of the 1x1 expansion
-            of the next strided block, before its depthwise conv: the paper's SSDLite attachment).
+            of the next strided block, before its depthwise conv: the paper's SSDLite attachment; the block's
+            input where nothing expands before the stride, as in V1 and V4's conv and fused-IB rows).
             C5 is the last conv in every case. timm's "bottleneck" is accepted for "block".
         global_pool: timm's pooling type; ``''`` keeps the maps unpooled, and the head's layers then act at
             every position (as timm's 1x1 ``conv_head``): ``forward_head(x, pre_logits=True)`` gives
             [B, head_hidden_size, H, W], and with ``num_classes=0`` so does ``forward``.
         drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth of the residual blocks (V2, V3), rising linearly to this rate;
+        drop_path_rate: stochastic depth of the residual blocks (V2, V3, V4), rising linearly to this rate;
             V1 has no residual branch, so a rate there is an error.
         norm_eps, norm_momentum: BatchNorm settings; default to the architecture's
-            (torchvision's V3: 1e-3 / 0.01; timm checkpoints were trained with eps 1e-5).
+            (torchvision's V3: 1e-3 / 0.01; timm checkpoints were trained with eps 1e-5, V4's default).
     """
 
     _block_taps: List[int]  # typed for TorchScript, which cannot infer an empty list
     _expansion_taps: List[int]
     _block_reductions: List[int]
+    _block_channels: List[int]
 
     def __init__(
         self,
@@ -78,17 +81,14 @@ class MobileNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.num_levels = len(LEVELS)
-        norm = partial(nn.BatchNorm2d, eps=spec.norm_eps if norm_eps is None else norm_eps,
-                       momentum=spec.norm_momentum if norm_momentum is None else norm_momentum)
+        norm_args = dict(eps=spec.norm_eps if norm_eps is None else norm_eps,
+                         momentum=spec.norm_momentum if norm_momentum is None else norm_momentum)
+        norm = partial(nn.BatchNorm2d, **norm_args)
         sizes = resolve(spec, width, reduced_tail, output_stride)
 
         self.stem = ConvNormAct(in_chans, sizes.stem, 3, stride=2, act=spec.act, norm=norm)
-        if spec.family == "v1":
-            blocks = [DepthwiseSeparable(b, norm) for b in sizes.blocks]
-        else:
-            rates = [drop_path_rate * i / max(len(sizes.blocks) - 1, 1) for i in range(len(sizes.blocks))]
-            blocks = [InvertedResidual(b, norm, rate) for b, rate in zip(sizes.blocks, rates)]
-        self.blocks = nn.Sequential(*blocks)
+        rates = [drop_path_rate * i / max(len(sizes.blocks) - 1, 1) for i in range(len(sizes.blocks))]
+        self.blocks = nn.Sequential(*[BLOCKS[b.block](b, norm, rate) for b, rate in zip(sizes.blocks, rates)])
         last_in = sizes.blocks[-1].out_channels
         self.last_conv = (ConvNormAct(last_in, sizes.last_conv, act=spec.act, norm=norm) if sizes.last_conv
                           else nn.Identity())
@@ -98,21 +98,25 @@ class MobileNet(nn.Module):
         self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         pooled = self.num_features * self.global_pool.feat_mult()
         self.head_hidden_size = sizes.head_hidden or pooled
-        self.head_fc = PointwiseLinear(pooled, sizes.head_hidden) if sizes.head_hidden else nn.Identity()
-        self.head_act = nn.Hardswish(inplace=True) if sizes.head_hidden else nn.Identity()
+        hidden = sizes.head_hidden
+        self.head_fc = PointwiseLinear(pooled, hidden, bias=not spec.head_norm) if hidden else nn.Identity()
+        self.head_norm = PointwiseBatchNorm(hidden, **norm_args) if hidden and spec.head_norm else nn.Identity()
+        self.head_act = ACTIVATIONS[spec.act](inplace=True) if hidden else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = PointwiseLinear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
         self.feature_info, self._block_taps, self._expansion_taps = self._declare_taps(
             sizes, feature_location, output_stride)
         self._block_reductions = [b.reduction for b in sizes.blocks]
+        self._block_channels = [b.out_channels for b in sizes.blocks]
         self._init_weights()
 
     def _declare_taps(self, sizes, location: str, output_stride: int):
         """C1..C5 as timm ``feature_info`` dicts, plus where ``forward_intermediates`` reads them.
 
         Block taps are points in the block sequence (0: stem output, i + 1: after block i);
-        expansion taps are indices of the blocks whose expansion output is read.
+        expansion taps are indices of the blocks whose expansion output is read (their input where ``expand`` is
+        an identity).
         """
         points = [(2, sizes.stem)] + [(b.reduction, b.out_channels) for b in sizes.blocks]
         info, block_taps, expansion_taps = [], [], []
@@ -125,7 +129,9 @@ class MobileNet(nn.Module):
             else:
                 index = min(i for i, b in enumerate(sizes.blocks) if b.reduction == next_level)
                 expansion_taps.append(index)
-                info.append((sizes.blocks[index].expansion_channels, f"blocks.{index}.expand"))
+                block = sizes.blocks[index]
+                expands = not isinstance(self.blocks[index].expand, nn.Identity)
+                info.append((block.expansion_channels if expands else block.in_channels, f"blocks.{index}.expand"))
         info.append((self.num_features, "last_conv" if sizes.last_conv else f"blocks.{len(sizes.blocks) - 1}"))
         feature_info = [dict(num_chs=channels, reduction=min(level, output_stride), module=module, stage=i)
                         for i, ((channels, module), level) in enumerate(zip(info, LEVELS))]
@@ -142,7 +148,8 @@ class MobileNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
@@ -261,10 +268,10 @@ class MobileNet(nn.Module):
             self.blocks = self.blocks[:self._blocks_up_to(max_index)]
             self.last_conv = nn.Identity()
             self.num_levels = max_index + 1
-            self.num_features = (self.blocks[-1].project.conv.out_channels if len(self.blocks)
+            self.num_features = (self._block_channels[len(self.blocks) - 1] if len(self.blocks)
                                  else self.stem.conv.out_channels)
         if prune_head or cut:
-            self.head_fc, self.head_act = nn.Identity(), nn.Identity()
+            self.head_fc, self.head_norm, self.head_act = nn.Identity(), nn.Identity(), nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
 
@@ -277,8 +284,8 @@ class MobileNet(nn.Module):
         return self.last_conv(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooling, the hidden layer (V3), dropout and the classifier; unpooled, they act at every position."""
-        x = self.head_drop(self.head_act(self.head_fc(self.flatten(self.global_pool(x)))))
+        """Pooling, the hidden layer (V3, V4), dropout and the classifier; unpooled, they act at every position."""
+        x = self.head_drop(self.head_act(self.head_norm(self.head_fc(self.flatten(self.global_pool(x))))))
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,10 @@ def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that parity tests exercise them."""
+    """Non-trivial BN statistics and affine parameters, so that parity tests exercise them; likewise layer-scale
+    factors (MobileNetV4 hybrids), whose initial 1e-5 would hide the branches they scale."""
+    from timm.layers import LayerScale2d
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -57,6 +60,8 @@ def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
+            elif isinstance(module, LayerScale2d):
+                module.gamma.uniform_(0.1, 0.3)
     return model.eval()
 
 

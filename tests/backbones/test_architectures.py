@@ -15,6 +15,10 @@ ANCHORS = {
     "mbv3_small": (2_542_856, 56.5), "mbv3_small_reduced": (1_099_672, None), "mbv3_small_075": (2_041_872, 43.4),
     "mbv2_100": (3_504_872, 300.8), "mbv2_050": (1_968_680, 97.1), "mbv2_035": (1_677_128, 59.3),
     "mbv1_100": (4_231_976, 568.7), "mbv1_050": (1_331_592, 149.5),
+    # timm's mobilenetv4_* builds, measured as here
+    "mbv4_conv_small": (3_774_024, 186.0), "mbv4_conv_medium": (9_715_512, 827.6),
+    "mbv4_conv_large": (32_590_864, 2171.3), "mbv4_hybrid_medium": (11_074_648, 941.7),
+    "mbv4_hybrid_large": (37_764_624, 2510.2),
 }
 CHANNELS = {  # feature_location "block", "downsample", "expansion"
     "mbv3_large": ([16, 24, 40, 112, 960], [16, 24, 40, 80, 960], [64, 72, 240, 672, 960]),
@@ -23,13 +27,20 @@ CHANNELS = {  # feature_location "block", "downsample", "expansion"
     "mbv3_small_reduced": ([16, 16, 24, 48, 288], [16, 16, 24, 40, 288], [16, 72, 96, 288, 288]),
     "mbv2_100": ([16, 24, 32, 96, 1280], [32, 24, 32, 64, 1280], [96, 144, 192, 576, 1280]),
     "mbv1_100": ([64, 128, 256, 512, 1024], [32, 128, 256, 512, 1024], [64, 128, 256, 512, 1024]),
+    # 'block' as timm's features_only; 'expansion' reads the input where a conv or fused IB strides
+    "mbv4_conv_small": ([32, 32, 64, 96, 960], [32, 32, 96, 96, 960], [32, 32, 192, 576, 960]),
+    "mbv4_conv_medium": ([32, 48, 80, 160, 960], [32, 48, 80, 160, 960], [32, 192, 480, 960, 960]),
+    "mbv4_conv_large": ([24, 48, 96, 192, 960], [24, 48, 96, 192, 960], [24, 192, 384, 768, 960]),
+    "mbv4_hybrid_medium": ([32, 48, 80, 160, 960], [32, 48, 80, 160, 960], [32, 192, 480, 960, 960]),
+    "mbv4_hybrid_large": ([24, 48, 96, 192, 960], [24, 48, 96, 192, 960], [24, 192, 384, 768, 960]),
 }
 
 
 def test_registry_is_complete():
     assert mbbackbones.list_models() == [
         "mbv3_large", "mbv3_large_reduced", "mbv3_large_075", "mbv3_small", "mbv3_small_reduced", "mbv3_small_075",
-        "mbv2_100", "mbv2_050", "mbv2_035", "mbv1_100", "mbv1_050"]
+        "mbv2_100", "mbv2_050", "mbv2_035", "mbv1_100", "mbv1_050",
+        "mbv4_conv_small", "mbv4_conv_medium", "mbv4_conv_large", "mbv4_hybrid_medium", "mbv4_hybrid_large"]
     assert set(mbbackbones.list_models()) <= set(timm.list_models("mbv*"))
 
 
@@ -82,7 +93,8 @@ def test_feature_channels_and_shapes(name, location):
 
 
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
-@pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv3_small", "mbv2_100", "mbv1_100"])
+@pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv3_small", "mbv2_100", "mbv1_100", "mbv4_conv_small",
+                                  "mbv4_hybrid_medium"])
 @pytest.mark.parametrize("location", FEATURE_LOCATIONS)
 def test_output_stride_dilates(name, output_stride, location):
     model = timm.create_model(name, features_only=True, output_stride=output_stride, feature_location=location)

@@ -12,9 +12,10 @@ def features(name="mbv3_large_reduced", **kwargs):
     return timm.create_model(name, features_only=True, **kwargs).eval()
 
 
+@pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv4_hybrid_medium"])
 @pytest.mark.parametrize("location", ["block", "expansion"])
-def test_torchscript(location):
-    model = features(feature_location=location, output_stride=16)
+def test_torchscript(name, location):
+    model = features(name, feature_location=location, output_stride=16)
     scripted = torch.jit.script(model)
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
@@ -31,7 +32,18 @@ def test_torch_compile_fullgraph():
             assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv2_100", "mbv1_050"])
+@pytest.mark.parametrize("name", ["mbv4_conv_small", "mbv4_hybrid_medium"])
+def test_torch_export_matches_eager(name):
+    model = features(name, feature_location="expansion")
+    exported = torch.export.export(model, (torch.randn(1, 3, 96, 128),)).module()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for ours, theirs in zip(exported(x), model(x), strict=True):
+            assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mbv3_large_reduced", "mbv2_100", "mbv1_050", "mbv4_conv_small",
+                                  "mbv4_hybrid_medium"])
 def test_onnx_export_matches_pytorch(tmp_path, name):
     model = features(name, feature_location="expansion")
     path = tmp_path / "features.onnx"

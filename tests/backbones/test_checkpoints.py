@@ -51,8 +51,11 @@ def test_dilated_features_reproduce_torchvision(tmp_path):
     ("mbv2_100", "mobilenetv2_100", {}),
     ("mbv2_050", "mobilenetv2_050", {}),
     ("mbv1_100", "mobilenetv1_100", {}),
+    *[(f"mbv4_{variant}", f"mobilenetv4_{variant}", {})
+      for variant in ("conv_small", "conv_medium", "conv_large", "hybrid_medium", "hybrid_large")],
 ])
 def test_timm_checkpoint_loads_strictly_and_reproduces_timm(tmp_path, name, timm_name, kwargs):
+    """Within 1e-4 of the logits' scale (random V4 convs with random BN statistics reach 1e7)."""
     reference = randomize_batchnorm(timm.create_model(timm_name))
     state_dict = reference.state_dict()
     model = timm.create_model(name, **kwargs).eval()
@@ -61,7 +64,8 @@ def test_timm_checkpoint_loads_strictly_and_reproduces_timm(tmp_path, name, timm
     save_file(state_dict, tmp_path / "timm.safetensors")
     model = load(name, tmp_path / "timm.safetensors", **kwargs)
     with torch.no_grad():
-        assert (model(IMAGE) - reference(IMAGE)).abs().max() <= 1e-4
+        expected = reference(IMAGE)
+        assert (model(IMAGE) - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max())
 
 
 def test_own_checkpoint_round_trip_and_features_drop_classifier(tmp_path):
