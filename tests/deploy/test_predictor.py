@@ -113,8 +113,11 @@ def test_every_kind_of_source_gives_one_result_per_image(detector, tmp_path):
     for kind, (source, count) in sources.items():
         results = predictor(source)
         assert len(results) == count, kind
-        assert torch.equal(results[0].scores, reference.scores) or kind == "folder", kind  # folder: sorted names
-    assert [r.name for r in predictor(folder)] == ["3dogs", "kitten"]
+        first = next(r for r in results if r.name in (paths[0].stem, "image"))  # the photo, wherever it comes
+        # batched with other images, the network may round differently (another kernel for another batch size)
+        torch.testing.assert_close(first.scores[:20], reference.scores[:20], atol=1e-4, rtol=0, msg=kind)
+    for source in (folder, str(folder / "*.jpg"), str(folder / "*")):  # folders and globs: sorted by name
+        assert [r.name for r in predictor(source)] == ["3dogs", "kitten"]
     for bad in (torch.rand(1, 3, 8, 8), np.zeros((8, 8), np.uint8)):
         with pytest.raises(ValueError, match="expected"):
             predictor(bad)
