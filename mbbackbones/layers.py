@@ -159,7 +159,7 @@ class DepthwiseSeparable(nn.Module):
         return self.project(self.depthwise(expanded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(x, x)
+        return self.finish(x, self.expand(x))  # an identity, called so that an FX graph has the expansion tap
 
 
 class PointwiseBatchNorm(nn.BatchNorm2d):
@@ -175,13 +175,31 @@ BLOCKS = {"separable": DepthwiseSeparable, "inverted": InvertedResidual, "uib": 
 
 
 class PointwiseLinear(nn.Linear):
-    """A Linear over the channels: [B, C] -> [B, out], and [B, C, H, W] -> [B, out, H, W] as a 1x1 conv.
+    """An ``nn.Linear`` over the channels at every position: [B, C, H, W] -> [B, out, H, W], a 1x1 conv.
 
-    The classifier head's layers: torchvision's Linear weight layout (checkpoints load unchanged), and timm's
-    unpooled head (``global_pool=''``), whose 1x1 ``conv_head`` acts at every position.
+    The layout of the classifier head's layers when the model does not pool (timm's ``global_pool=''``, whose 1x1
+    ``conv_head`` acts at every position). Its weight is Linear's, so checkpoints load into either layout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+def head_linear(in_features: int, out_features: int, per_position: bool, **factory) -> nn.Linear:
+    """A head layer in the layout the pooling decides: ``nn.Linear`` on [B, C], or ``PointwiseLinear`` on maps.
+
+    The layout is chosen when the head is built (and by ``relayout`` when the pooling changes), not from the input's
+    rank at every call: a branch on ``x.dim()`` is control flow on the input, which ``torch.fx`` cannot trace.
+    """
+    return (PointwiseLinear if per_position else nn.Linear)(in_features, out_features, **factory)
+
+
+def relayout(linear: nn.Linear, per_position: bool) -> nn.Linear:
+    """``linear`` in the layout ``per_position`` asks for (itself if it has it); the parameters are shared, not
+    copied."""
+    if isinstance(linear, PointwiseLinear) == per_position:
+        return linear
+    swapped = head_linear(linear.in_features, linear.out_features, per_position, bias=linear.bias is not None,
+                          device="meta")
+    swapped.weight, swapped.bias = linear.weight, linear.bias
+    return swapped.train(linear.training)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .architectures import ARCHS, resolve
 from .choices import ArgumentError, check_choice
-from .layers import ACTIVATIONS, BLOCKS, ConvNormAct, PointwiseBatchNorm, PointwiseLinear
+from .layers import ACTIVATIONS, BLOCKS, ConvNormAct, PointwiseBatchNorm, head_linear, relayout
 
 OUTPUT_STRIDES = (8, 16, 32)
 FEATURE_LOCATIONS = ("block", "downsample", "expansion")
@@ -38,7 +38,8 @@ class MobileNet(nn.Module):
             C5 is the last conv in every case. timm's "bottleneck" is accepted for "block".
         global_pool: timm's pooling type; ``''`` keeps the maps unpooled, and the head's layers then act at
             every position (as timm's 1x1 ``conv_head``): ``forward_head(x, pre_logits=True)`` gives
-            [B, head_hidden_size, H, W], and with ``num_classes=0`` so does ``forward``.
+            [B, head_hidden_size, H, W], and with ``num_classes=0`` so does ``forward``. The head's layout
+            follows the pooling, set here and by ``reset_classifier`` (``layers.head_linear``).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the residual blocks (V2, V3, V4), rising linearly to this rate;
             V1 has no residual branch, so a rate there is an error.
@@ -98,12 +99,13 @@ class MobileNet(nn.Module):
         self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         pooled = self.num_features * self.global_pool.feat_mult()
         self.head_hidden_size = sizes.head_hidden or pooled
-        hidden = sizes.head_hidden
-        self.head_fc = PointwiseLinear(pooled, hidden, bias=not spec.head_norm) if hidden else nn.Identity()
+        hidden, per_position = sizes.head_hidden, self.global_pool.is_identity()
+        self.head_fc = head_linear(pooled, hidden, per_position, bias=not spec.head_norm) if hidden else nn.Identity()
         self.head_norm = PointwiseBatchNorm(hidden, **norm_args) if hidden and spec.head_norm else nn.Identity()
         self.head_act = ACTIVATIONS[spec.act](inplace=True) if hidden else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = PointwiseLinear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = (head_linear(self.head_hidden_size, num_classes, per_position) if num_classes > 0
+                           else nn.Identity())
 
         self.feature_info, self._block_taps, self._expansion_taps = self._declare_taps(
             sizes, feature_location, output_stride)
@@ -172,20 +174,25 @@ class MobileNet(nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier for ``num_classes`` (0: none); ``global_pool`` as in the constructor (None: unchanged)."""
+        """A new classifier for ``num_classes`` (0: none); ``global_pool`` as in the constructor (None: unchanged).
+
+        A new pooling also sets the head's layout: the hidden layer keeps its weights, acting per position or not.
+        """
         if global_pool is not None:
             pool = SelectAdaptivePool2d(pool_type=global_pool)
             width = self.num_features * pool.feat_mult()
-            if isinstance(self.head_fc, PointwiseLinear) and self.head_fc.in_features != width:
-                raise AssertionError(f"global_pool={global_pool!r} gives {width} channels, but the head's hidden "
-                                     f"layer takes {self.head_fc.in_features}: build the model with this pooling")
+            if isinstance(self.head_fc, nn.Linear):
+                if self.head_fc.in_features != width:
+                    raise AssertionError(f"global_pool={global_pool!r} gives {width} channels, but the head's hidden "
+                                         f"layer takes {self.head_fc.in_features}: build the model with this pooling")
+                self.head_fc = relayout(self.head_fc, pool.is_identity())
             self.global_pool, self.flatten = pool, nn.Flatten(1) if global_pool else nn.Identity()
-        if not isinstance(self.head_fc, PointwiseLinear):
+        if not isinstance(self.head_fc, nn.Linear):
             self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.num_classes = num_classes
         like = self.stem.conv.weight
-        self.classifier = (PointwiseLinear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
-                           if num_classes > 0 else nn.Identity())
+        self.classifier = (head_linear(self.head_hidden_size, num_classes, self.global_pool.is_identity(),
+                                       device=like.device, dtype=like.dtype) if num_classes > 0 else nn.Identity())
 
     def check_indices(self, indices, name: str = "indices") -> Tuple[List[int], int]:
         """timm's ``feature_take_indices``, raising its exception types with one line that names the valid range."""

@@ -126,6 +126,22 @@ def test_unpooled_classifier_gives_logits_at_every_position(name):
         assert torch.allclose(unpooled(small).flatten(1), model(small), atol=1e-5)
 
 
+def test_reset_classifier_switches_the_head_layout_and_keeps_its_weights():
+    """Pooled -> unpooled -> pooled: the hidden layer is the same parameters, per position or on [B, C]."""
+    model = timm.create_model("mbv3_small", num_classes=5).eval()
+    hidden, bias = model.head_fc.weight, model.head_fc.bias
+    with torch.no_grad():
+        features = model.forward_features(IMAGE)
+        expected = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(0, "")
+        assert model.head_fc.weight is hidden
+        per_position = torch.nn.functional.linear(features.movedim(1, -1), hidden, bias)  # on the last dim
+        assert_close(model(IMAGE), torch.nn.functional.hardswish(per_position).movedim(-1, 1))
+        model.reset_classifier(0, "avg")
+        assert model.head_fc.weight is hidden
+        assert torch.equal(model(IMAGE), expected)
+
+
 @pytest.mark.parametrize(("name", "timm_name", "kwargs"), TIMM_TWINS)
 def test_pruned_model_forward_matches_timm(name, timm_name, kwargs):
     model, reference = twins(name, timm_name, kwargs)
