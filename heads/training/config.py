@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -128,17 +129,40 @@ def _kind_name(kind) -> str:
             list: "a list", dict: "a mapping"}[kind]
 
 
+def _kinds(name: str) -> tuple:
+    """The types field ``name`` takes (``float | None`` -> ``(float, NoneType)``)."""
+    return typing.get_args(HINTS[name]) or (HINTS[name],)
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+
+
+def _number(text: str):
+    """``text`` as a float when Python reads it as one (YAML 1.1 reads ``1e-3`` and ``4e-05``, exponents without a
+    dot, as strings), else ``text`` unchanged."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def check_value(name: str, value, source: str):
-    """``value`` for field ``name``, with ints widened to floats where a float is due; else a ``ConfigError``."""
-    allowed = typing.get_args(HINTS[name]) or (HINTS[name],)
+    """``value`` for field ``name``, with ints and float spellings (``"1e-3"``) turned into floats where a float is
+    due; else a ``ConfigError``. Non-finite floats are refused."""
+    allowed = _kinds(name)
+    if isinstance(value, str) and float in allowed and str not in allowed:
+        value = _number(value)
     for kind in allowed:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if kind is float and _is(value, int):
             value = float(value)
-        if isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+        if _is(value, kind):
             break
     else:
         expected = " or ".join(_kind_name(kind) for kind in allowed)
         raise ConfigError(f"{source}: {name} must be {expected}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
     rule = FIELDS[name].metadata["rule"]
     if rule is not None and value is not None and not isinstance(value, bool) and not rule.check(value):
         hint = did_you_mean(value, rule.choices) if rule.choices and isinstance(value, str) else ""
@@ -209,11 +233,21 @@ def parse_overrides(args: list[str]) -> dict:
                 raw = "true"
             else:
                 raise ConfigError(f"command line: --{key} needs a value ({FIELDS[key].metadata['help']})")
-        try:
-            values[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key] = raw  # a string YAML cannot read, such as a path with a colon and a space
+        values[key] = _read_value(key, raw)
     return values
+
+
+def _read_value(key: str, raw: str):
+    """A command-line value read as YAML; the text itself for a string field when YAML reads a number or a boolean
+    that the field does not take (``--train-split 2017``), or when YAML cannot read it (a path with ``: ``)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    allowed = _kinds(key)
+    if isinstance(value, (bool, int, float)) and str in allowed and not any(_is(value, kind) for kind in allowed):
+        return raw
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,

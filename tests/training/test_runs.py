@@ -143,11 +143,37 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
                                "'adam'?"),
     (["--device", "gpu"], "command line: device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
     (["--crop_size", "[0, 512]"], "command line: crop_size must be two positive integers [height, width]"),
+    (["--lr", "inf"], "command line: lr must be a finite number, got inf"),
+    (["--grad-clip", "nan"], "command line: grad_clip must be a finite number, got nan"),
+    (["--lr", "1e-3x"], "command line: lr must be a number, got '1e-3x'"),
 ])
 def test_config_values_are_checked_where_they_come_from(overrides, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, key, value", [
+    (["--lr", "1e-3"], "lr", 1e-3),  # YAML 1.1 reads an exponent without a dot as a string
+    (["--weight-decay", "4e-05"], "weight_decay", 4e-5),  # the default, as --help prints it
+    (["--lr=1E3"], "lr", 1e3),
+    (["--lr", "+2.5e-2"], "lr", 0.025),
+    (["--grad-clip", ".5"], "grad_clip", 0.5),
+    (["--train-split", "1e3"], "train_split", "1e3"),  # a string field keeps the text, whatever it looks like
+    (["--train-split", "2017"], "train_split", "2017"),
+    (["--pretrained", "1"], "pretrained", "1"),
+])
+def test_every_float_spelling_is_a_number_and_strings_stay_strings(argv, key, value):
+    assert getattr(load_config(None, argv), key) == value
+
+
+def test_float_spellings_in_a_file_are_numbers(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nweight_decay: 4E-05\nwarmup_factor: 1e-3\nval_split: 1e3\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_factor, cfg.val_split) == (1e-3, 4e-5, 1e-3, "1e3")
+    (tmp_path / "run.yaml").write_text("lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: lr must be a finite number, got inf$"):
+        load_config(tmp_path / "run.yaml")
 
 
 def test_file_values_are_blamed_on_the_file_and_dashes_survive(tmp_path):
