@@ -100,6 +100,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.env.device.type, dtype=torch.float16 if cuda_amp else torch.bfloat16)
                          if cfg.amp else nullcontext())
         self.step, self.metrics, self.best = 0, {}, None
+        self.saved_step = None  # the step of the last checkpoint written or resumed from
         self.output, self.lock = self._folder(resume)
         self.log = None
         try:
@@ -161,8 +162,22 @@ class Trainer:
                            "intact") from None
 
     def save(self) -> None:
+        self._stop_unless_finite()
         if self.env.main:
             self._write(CHECKPOINT, self.state())
+            self.saved_step = self.step
+
+    def _stop_unless_finite(self) -> None:
+        """A ``FloatingPointError`` when an update has overflowed the weights (or the EMA's): they are then neither
+        saved nor evaluated, and the last checkpoint stays as it is. Every process checks its own (equal) copy."""
+        models = [unwrap(self.model)] + ([self.ema.module] if self.ema is not None else [])
+        if all(value.isfinite().all() for model in models for value in model.state_dict().values()
+               if value.is_floating_point()):
+            return
+        kept = (f"{self.output / CHECKPOINT} is kept from step {self.saved_step}" if self.saved_step is not None
+                else f"no {CHECKPOINT} was written")
+        raise FloatingPointError(f"the weights are not finite after step {self.step}: {kept}; lower lr or set "
+                                 "grad_clip, and start a new run")
 
     def save_best(self, model: nn.Module) -> None:
         """``best.pt``: the evaluated weights (the EMA's when there is one) and the metadata, to load or predict."""
@@ -188,6 +203,7 @@ class Trainer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"cannot resume from {path}: {reason}") from None
         self.step, self.metrics, self.best = state["step"], state["metrics"], state.get("best")
+        self.saved_step = self.step
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
@@ -267,6 +283,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         """Evaluate the EMA (if any) or the model, every process on its share of the validation set; log and plot
         the metrics, draw a few predictions, and keep ``best.pt`` when the main metric improves."""
+        self._stop_unless_finite()
         model = self.ema.module if self.ema is not None else unwrap(self.model)
         if self.cfg.bn_recalibrate:  # on every process (SyncBatchNorm layers talk to each other), same batches
             self.sampler.set_epoch(epoch - 1)  # whether or not the run was resumed

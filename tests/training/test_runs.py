@@ -132,6 +132,19 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     assert digests(trainer.output) == before and not list(trainer.output.glob(".*.tmp"))
 
 
+def test_weights_that_are_no_longer_finite_are_never_saved(tmp_path):
+    """An absurd lr: step 1 (at a warm-up factor of 1e-39) is sane, step 2's update overflows the weights to inf.
+    The loss only shows it at step 3: a checkpoint written in between used to replace the good last.pt."""
+    with pytest.raises(FloatingPointError) as error:
+        heads.train(dict(TINY, optimizer="sgd", lr=1e39, warmup_steps=3, warmup_factor=1e-39, checkpoint_every=1,
+                         max_steps=6, output=str(tmp_path / "run")))
+    assert str(error.value).startswith("the weights are not finite after step 2") and "\n" not in str(error.value)
+    assert f"{tmp_path / 'run' / 'last.pt'} is kept from step 1" in str(error.value)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 1
+    assert all(value.isfinite().all() for value in state["model"].values() if value.is_floating_point())
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--epochs", "0"], "command line: epochs must be >= 1, got 0"),
     (["--batch_size", "0"], "command line: batch_size must be >= 1, got 0"),
