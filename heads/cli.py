@@ -88,8 +88,8 @@ def _write_json(path: Path | None, metrics) -> None:
 
 def train_main(argv: list[str] | None = None, task: str = "detection"):
     """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the ``Run``."""
-    from .training.config import ConfigError, describe_fields, load_config
-    from .training.launch import run_training
+    from .training.config import RESUMABLE, ConfigError, describe_fields
+    from .training.launch import configure, run_training
     from .training.tasks import get_task
 
     parser = Parser(
@@ -97,16 +97,17 @@ def train_main(argv: list[str] | None = None, task: str = "detection"):
                     "config file's values.", epilog="config keys:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with config keys")
-    parser.add_argument("--resume", help="run folder (or its checkpoint) to continue exactly; 'auto': the output "
-                                         "folder's, when it has one")
+    parser.add_argument("--resume", help="run folder (or its checkpoint) to continue exactly, from its own config; "
+                                         f"only {', '.join(RESUMABLE)} may change. 'auto': the output folder's, when "
+                                         "it has one")
     args, overrides = parser.parse_known_args(argv)
 
     def body():
-        cfg = load_config(args.config, overrides, task=task)
+        cfg, resume = configure(args.config, overrides, args.resume, task=task)
         if cfg.task != task:
-            raise ConfigError(f"{args.config}: task is {cfg.task}; this tool trains {task} models (use "
-                              f"{get_task(cfg.task).tool})")
-        return run_training(cfg, args.resume)
+            raise ConfigError(f"{resume or args.config or 'command line'}: task is {cfg.task}; this tool trains "
+                              f"{task} models (use {get_task(cfg.task).tool})")
+        return run_training(cfg, resume)
 
     return _user_errors_exit(parser, body)
 

@@ -36,6 +36,21 @@ BEST = "best.pt"
 CONFIG = "config.yaml"
 
 
+def run_folder(resume: str | os.PathLike) -> Path:
+    """The folder of the run that ``resume`` (its folder or a checkpoint in it) names."""
+    folder = Path(resume)
+    if folder.is_file():
+        return folder.parent
+    if not (folder / CHECKPOINT).is_file():
+        raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
+    return folder
+
+
+def _model_name(config: dict) -> str:
+    """The model a config trains: its registered name and constructor arguments."""
+    return f"{config['model']} {config['model_kwargs']}"
+
+
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, kind: str) -> float:
     """Linear warm-up from ``warmup_factor``, then cosine / poly(0.9) decay to 0 or constant."""
     if step < warmup:
@@ -119,11 +134,7 @@ class Trainer:
         """The run folder (a new one claimed by rank 0 and told to the others, or the one to resume) and its lock."""
         lock = None
         if resume:
-            folder = Path(resume)
-            if folder.is_file():
-                folder = folder.parent
-            elif not (folder / CHECKPOINT).is_file():
-                raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
+            folder = run_folder(resume)
             if self.env.main:
                 lock = lock_for_resume(folder)
         elif self.env.main:
@@ -187,6 +198,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         try:
             state = load_file(path)
+            trained = _model_name(state["config"])
+            if trained != _model_name(to_dict(self.cfg)):
+                raise CheckpointError(f"it holds a {trained}, this run trains {_model_name(to_dict(self.cfg))}")
             if state["steps_per_epoch"] != self.sampler.steps_per_epoch:
                 raise CheckpointError(f"it has {state['steps_per_epoch']} steps per epoch, this run "
                                       f"{self.sampler.steps_per_epoch}: keep batch_size, accumulate and the process "

@@ -15,6 +15,7 @@ import heads
 from heads.cli import train_main
 from heads.training.config import ConfigError, load_config
 from heads.training.run import RunError, claim, lock_for_resume
+from mbbackbones.checkpoint import CheckpointError
 
 TINY = dict(model="ssdlite320_mbv3_small_reduced", model_kwargs={"size": 160}, batch_size=2, workers=0,
             optimizer="adam", lr=1e-3, lr_batch=2, warmup_steps=0, epochs=1, max_steps=3, eval_limit=3,
@@ -105,7 +106,7 @@ def test_a_failed_start_touches_no_run(run, tmp_path):
     before = digests(run.folder)
     with pytest.raises(heads.DataError, match="COCO path not found"):
         heads.train(dict(TINY, dataset="coco", data_root=str(tmp_path / "nowhere"), output=str(run.folder)))
-    with pytest.raises(ValueError, match="steps per epoch"):
+    with pytest.raises(ValueError, match="batch_size 2 -> 4"):
         heads.train(dict(TINY, batch_size=4, output=str(run.folder)), resume=run.folder)
     assert digests(run.folder) == before and not run.folder.with_name("tiny-3").exists()
 
@@ -224,6 +225,77 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(tasks.DetectionTask, "losses", staticmethod(broken))
     with pytest.raises(ValueError, match="a bug deep in training"):  # not SystemExit(2) with "error: ..."
         train_main(["--max_steps", "1", "--batch_size", "2", "--workers", "0", "--output", str(tmp_path / "run")])
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A run of 3 steps stopped after step 1, as by a crash: its last.pt is from step 1."""
+    from heads.training.config import make_config
+    from heads.training.engine import Trainer
+    from heads.training.tasks import get_task
+
+    def stop(trainer):
+        if trainer.step == 1:
+            raise Interrupt
+
+    folder = tmp_path_factory.mktemp("runs") / "stopped"
+    with pytest.raises(Interrupt):
+        Trainer(make_config(dict(TINY, checkpoint_every=1, output=str(folder))), get_task("detection"),
+                callback=stop).fit()
+    return folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0.03"], "lr 0.001 -> 0.03"),
+    (["--lr", "1e-3", "--batch-size", "4", "--workers", "1"], "batch_size 2 -> 4;"),  # the lr is the same
+    (["--model", "ssdlite320_mbv3_large_reduced"], "model ssdlite320_mbv3_small_reduced -> "
+                                                   "ssdlite320_mbv3_large_reduced"),
+    (["--max-steps", "5", "--ema", "--eval-limit", "2"], "max_steps 3 -> 5, ema false -> true;"),
+])
+def test_resume_refuses_keys_that_change_the_training(stopped, argv, message, capsys):
+    before = digests(stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--resume", str(stopped), *argv])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1, error
+    assert error.startswith(f"error: cannot resume {stopped} with other values of ") and message in error
+    assert digests(stopped) == before
+
+
+def test_resume_from_python_refuses_them_too(stopped):
+    with pytest.raises(ConfigError, match="lr 0.001 -> 0.03"):
+        heads.train(dict(TINY, lr=0.03), resume=stopped)
+
+
+def test_resume_without_a_config_continues_the_runs_own_and_applies_runtime_keys(stopped, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(stopped, tmp_path / "stopped")
+    run = train_main(["--resume", str(folder), "--eval-limit", "2", "--tensorboard", "false"])
+    assert f"resuming {folder} with eval_limit 3 -> 2, tensorboard true -> false" in capsys.readouterr().out
+    assert run.folder == folder and run.steps == 3
+    config = torch.load(folder / "last.pt", weights_only=True)["config"]
+    assert (config["batch_size"], config["lr"], config["eval_limit"], config["tensorboard"]) == (2, 1e-3, 2, False)
+
+
+def test_resume_of_another_task_or_model_names_both(stopped, tmp_path, capsys):
+    from heads.training.config import make_config
+    from heads.training.engine import Trainer
+    from heads.training.tasks import get_task
+
+    with pytest.raises(SystemExit):
+        train_main(["--resume", str(stopped)], task="segmentation")
+    assert capsys.readouterr().err == (f"error: {stopped}: task is detection; this tool trains segmentation models "
+                                       "(use tools/train_det.py)\n")
+    other = make_config(dict(TINY, model="ssdlite320_mbv3_large_reduced", output=str(tmp_path)))
+    with pytest.raises(CheckpointError) as error:  # the engine itself, given another model's config
+        Trainer(other, get_task("detection"), resume=stopped)
+    assert str(error.value) == (f"cannot resume from {stopped / 'last.pt'}: it holds a ssdlite320_mbv3_small_reduced "
+                                "{'size': 160}, this run trains ssdlite320_mbv3_large_reduced {'size': 160}")
 
 
 def test_help_lists_every_config_key(capsys):
