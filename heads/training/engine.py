@@ -309,8 +309,10 @@ class Trainer:
         if self.env.main:
             pictures = self.task.pictures(model, self.val_set, self.env.device) if self.log.writer else []
             self.log.evaluation(self.step, epoch, self.metrics, pictures)
-            score = self.metrics.get(self.task.main_metric)
-            if score is not None and math.isfinite(score) and (self.best is None or score > self.best):
+            score = self.task.score(self.metrics)
+            if score is None:
+                print(f"{self.task.main_metric}: no ground truth in the evaluated images; {BEST} is not updated")
+            elif self.best is None or score > self.best:
                 self.best = score
                 self.save_best(model)
         self.env.barrier()
@@ -325,13 +327,17 @@ class Trainer:
 
     def summary(self) -> str:
         """Where everything went, and the final score."""
-        score = self.metrics.get(self.task.main_metric, float("nan"))
-        best = float("nan") if self.best is None else self.best
+        score = self.task.score(self.metrics)
+        if score is not None:
+            score = f"{score:.4f}"
+        elif self.task.main_metric in self.metrics:
+            score = "no ground truth"
+        best = "none" if self.best is None else f"{self.best:.4f}"
         curves = f"{self.output / PLOT}, {self.output / LOG}"
         if self.log is not None and self.log.writer is not None:
             curves += f", TensorBoard (tensorboard --logdir {self.output})"
         return "\n".join([
-            f"done: {self.step} steps; {self.task.main_metric} = {score:.4f} (best {best:.4f})",
+            f"done: {self.step} steps; {self.task.main_metric} = {score or 'not evaluated'} (best {best})",
             f"  run folder  {self.output}",
             f"  weights     {self.output / BEST} (best), {self.output / CHECKPOINT} (last, to resume)",
             f"  curves      {curves}",

@@ -311,3 +311,43 @@ def test_the_last_progress_bar_ends_full(tmp_path, capsys):
     heads.train(dict(TINY, max_steps=3, output=str(tmp_path / "run")))
     last = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("epoch")][-1]
     assert "100%" in last and "3/3" in last
+
+
+def _builtin_with(tmp_path: Path, split: str, keep) -> dict:
+    """Config keys that read the built-in set's ``split`` with only the annotations ``keep(annotation, image_ids)``
+    accepts (``image_ids``: the split's, sorted), from a copy of its annotation file."""
+    import json
+
+    from heads.detection.builtin import builtin_coco
+
+    root = builtin_coco()
+    dataset = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+    image_ids = sorted(image["id"] for image in dataset["images"])
+    dataset["annotations"] = [a for a in dataset["annotations"] if keep(a, image_ids)]
+    kind = "train" if split.startswith("train") else "val"
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps(dataset))
+    return {f"{kind}_images": str(root / split), f"{kind}_annotations": str(path)}
+
+
+@pytest.mark.parametrize("split, purpose", [("train2017", "train on"), ("val2017", "evaluate against")])
+def test_a_coco_set_without_annotations_stops_before_the_run_starts(split, purpose, tmp_path):
+    """Before, training on it 'worked': a loss of exactly 0, AP -1 and a best.pt saved at AP -1."""
+    paths = {**_builtin_with(tmp_path, "train2017", lambda a, ids: True),
+             **_builtin_with(tmp_path, "val2017", lambda a, ids: True), **_builtin_with(tmp_path, split, lambda *_: 0)}
+    with pytest.raises(heads.DataError) as error:
+        heads.train(dict(TINY, dataset="coco", **paths, output=str(tmp_path / "run")))
+    name = "train.json" if split == "train2017" else "val.json"
+    assert str(error.value).startswith(f"{tmp_path / name}: no annotations to {purpose}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluated_images_without_ground_truth_give_no_score(tmp_path, capsys):
+    """COCOeval's AP is -1 ("nothing to measure") when the evaluated images hold no box: never a best score."""
+    paths = {**_builtin_with(tmp_path, "train2017", lambda a, ids: True),
+             **_builtin_with(tmp_path, "val2017", lambda a, ids: a["image_id"] != ids[0])}
+    run = heads.train(dict(TINY, dataset="coco", **paths, eval_limit=1, max_steps=1, output=str(tmp_path / "run")))
+    assert run.metrics["AP"] == -1 and run.best is None
+    printed = capsys.readouterr().out
+    assert "AP: no ground truth in the evaluated images; best.pt is not updated" in printed
+    assert "done: 1 steps; AP = no ground truth (best none)" in printed
