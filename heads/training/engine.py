@@ -7,9 +7,9 @@ engine owns everything else. Runs under ``torchrun`` unchanged (one process per 
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mbbackbones.checkpoint import CheckpointError, load_file
 
 from ..data import sample_seed, unwrap_worker_errors
-from ..files import atomic_write
+from ..files import atomic_write, mount_point, no_space_left
 from .config import ConfigError, TrainConfig, to_dict
 from .distributed import Distributed, unwrap
 from .logs import LOG, PLOT, RunLog
@@ -44,6 +44,15 @@ def run_folder(resume: str | os.PathLike) -> Path:
     if not (folder / CHECKPOINT).is_file():
         raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
     return folder
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of the tensors in ``value`` (nested dicts, lists and tuples): about what ``torch.save`` writes."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(map(_tensor_bytes, value.values()))
+    return sum(map(_tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
 
 
 def _model_name(config: dict) -> str:
@@ -163,14 +172,26 @@ class Trainer:
         return state
 
     def _write(self, name: str, state: dict) -> None:
+        """``state`` into the run folder's ``name``, which stays as it was when that fails: a full disk or another
+        reason to be unable to write is one line (a ``RunError``)."""
         path = self.output / name
         try:
             with atomic_write(path) as file:
                 torch.save(state, file)
-        except OSError as error:
-            full = " (disk full)" if error.errno == errno.ENOSPC else ""
-            raise RunError(f"could not write {path}{full}: {error.strerror or error}; the previous {name} is "
-                           "intact") from None
+        except (OSError, RuntimeError) as error:
+            size = _tensor_bytes(state)
+            if name == CHECKPOINT and self.saved_step is not None:
+                kept = f"the previous {name} (step {self.saved_step}) is intact"
+            else:
+                kept = f"the previous {name} is intact" if path.is_file() else f"no {name} was written"
+            if no_space_left(error, self.output, size):
+                free = shutil.disk_usage(self.output).free
+                raise RunError(f"no space left on {mount_point(self.output)} (the disk of {self.output}): could not "
+                               f"write {path} ({free / 2**20:.1f} MiB free, about {size / 2**20:.1f} MiB needed); "
+                               f"{kept}: free some space, then resume") from None
+            if isinstance(error, RuntimeError):
+                raise  # a bug in what is written, not the disk
+            raise RunError(f"could not write {path}: {error.strerror or error}; {kept}") from None
 
     def save(self) -> None:
         self._stop_unless_finite()
