@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -70,3 +71,24 @@ def photos(tmp_path_factory) -> Path:
     for path in [*SAMPLE_IMAGES.values(), REAL / "gray.jpg"]:
         shutil.copy(path, folder)
     return folder
+
+
+def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> Path:
+    """A COCO folder from ``{file_name: PIL image or raw bytes}`` and ``[(file_name, bbox, iscrowd)]``."""
+    (root / split).mkdir(parents=True)
+    (root / "annotations").mkdir()
+    records = []
+    for image_id, (name, image) in enumerate(images.items(), start=1):
+        if isinstance(image, bytes):
+            (root / split / name).write_bytes(image)
+            width, height = 64, 48
+        else:
+            image.save(root / split / name)
+            width, height = image.size
+        records.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    ids = {record["file_name"]: record["id"] for record in records}
+    anns = [{"id": i, "image_id": ids[name], "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
+            for i, (name, bbox, crowd) in enumerate(annotations, start=1)]
+    dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
+    return root

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL
+from conftest import REAL, write_coco
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
@@ -29,27 +29,6 @@ def instances(root: Path, split: str) -> dict:
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory) -> Path:
     return builtin_coco(tmp_path_factory.mktemp("data") / "shapes", num_train=40, num_val=12)
-
-
-def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> Path:
-    """A COCO folder from ``{file_name: PIL image or raw bytes}`` and ``[(file_name, bbox, iscrowd)]``."""
-    (root / split).mkdir(parents=True)
-    (root / "annotations").mkdir()
-    records = []
-    for image_id, (name, image) in enumerate(images.items(), start=1):
-        if isinstance(image, bytes):
-            (root / split / name).write_bytes(image)
-            width, height = 64, 48
-        else:
-            image.save(root / split / name)
-            width, height = image.size
-        records.append({"id": image_id, "file_name": name, "width": width, "height": height})
-    ids = {record["file_name"]: record["id"] for record in records}
-    anns = [{"id": i, "image_id": ids[name], "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
-            for i, (name, bbox, crowd) in enumerate(annotations, start=1)]
-    dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
-    return root
 
 
 def gray_image(width=64, height=48, mode="RGB") -> Image.Image:
