@@ -6,6 +6,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -92,3 +93,15 @@ def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> 
     dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
     return root
+
+
+def exif_jpeg(path: Path, orientation: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """A JPEG of random pixels stored ``width`` x ``height`` with the EXIF orientation tag ``orientation`` (6: viewers
+    turn it 90 degrees clockwise, as phones store portrait photos); returns its pixels as stored, decoded."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, exif=exif)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
