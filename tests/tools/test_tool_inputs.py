@@ -6,7 +6,7 @@ import pytest
 from conftest import write_coco
 from PIL import Image
 
-from heads.cli import eval_det_main
+from heads.cli import eval_det_main, eval_seg_main, export_main, infer_main
 
 
 @pytest.fixture
@@ -65,3 +65,49 @@ def test_results_for_images_or_categories_it_does_not_have_are_one_line(coco, tm
     error = one_line_error(eval_det_main, ["--results", str(tmp_path / "results.json"), "--data-root", str(coco)],
                            capsys)
     assert error == "results refer to image ids not in the ground truth: [99]"
+
+
+@pytest.fixture
+def paths(tmp_path) -> dict:
+    """Names for the argument lists below: a folder, a file in it, and inputs that do not exist (a tool that
+    read them before checking its outputs would fail on those instead)."""
+    (tmp_path / "file.txt").write_text("taken")
+    return dict(folder=tmp_path, file=tmp_path / "file.txt", nowhere=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (eval_det_main, ["--results", "{nowhere}.json", "--data-root", "{nowhere}", "--json", "{folder}"],
+     "--json {folder} is a folder; give the file to write"),
+    (eval_det_main, ["--weights", "{nowhere}.pt", "--data-root", "{nowhere}", "--out", "{file}"],
+     "--out {file} is a file; give a folder (made if missing)"),
+    (eval_det_main, ["--weights", "{nowhere}.pt", "--builtin", "--json", "{file}/metrics.json"],
+     "--json {file}/metrics.json: cannot write into {file}: a file is in the way"),
+    (eval_seg_main, ["--predictions", "{nowhere}", "--data-root", "{nowhere}", "--out", "{file}"],
+     "--out {file} is a file; give a folder (made if missing)"),
+    (infer_main, ["--weights", "{nowhere}.pt", "{nowhere}.jpg", "--out", "{file}"],
+     "--out {file} is a file; give a folder (made if missing)"),
+    (export_main, ["--weights", "{nowhere}.pt", "--out", "{folder}"], "--out {folder} is a folder; give the file"),
+    (export_main, ["--weights", "{nowhere}.pt", "--out", "{folder}/m.onnx", "--size", "0"],
+     "argument --size: must be at least 1, got 0"),
+    (export_main, ["--weights", "{nowhere}.pt", "--out", "{folder}/m.onnx", "--size", "320", "-320"],
+     "argument --size: must be at least 1, got -320"),
+])
+def test_outputs_it_cannot_write_are_one_line_before_any_work(main, argv, message, paths, capsys):
+    argv = [arg.format(**paths) for arg in argv]
+    assert one_line_error(main, argv, capsys).startswith(message.format(**paths))
+
+
+def test_a_read_only_output_folder_is_one_line_before_any_work(paths, monkeypatch, capsys):
+    """Simulated (root, which runs these tests in CI containers, may write into any folder): the folder refuses
+    new files."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    error = one_line_error(infer_main, ["--weights", f"{paths['nowhere']}.pt", f"{paths['nowhere']}.jpg", "--out",
+                                        str(paths["folder"] / "pictures")], capsys)
+    assert error == f"--out {paths['folder'] / 'pictures'}: cannot write into {paths['folder'] / 'pictures'}: " \
+                    "Permission denied"
