@@ -202,14 +202,16 @@ class Trainer:
     def _stop_unless_finite(self) -> None:
         """A ``FloatingPointError`` when an update has overflowed the weights (or the EMA's): they are then neither
         saved nor evaluated, and the last checkpoint stays as it is. Every process checks its own (equal) copy."""
-        models = [unwrap(self.model)] + ([self.ema.module] if self.ema is not None else [])
-        if all(value.isfinite().all() for model in models for value in model.state_dict().values()
-               if value.is_floating_point()):
+        models = {"": unwrap(self.model), "EMA ": self.ema.module if self.ema is not None else None}
+        broken = [f"{prefix}{name}" for prefix, model in models.items() if model is not None
+                  for name, value in model.state_dict().items()
+                  if value.is_floating_point() and not value.isfinite().all()]
+        if not broken:
             return
         kept = (f"{self.output / CHECKPOINT} is kept from step {self.saved_step}" if self.saved_step is not None
                 else f"no {CHECKPOINT} was written")
-        raise FloatingPointError(f"the weights are not finite after step {self.step}: {kept}; lower lr or set "
-                                 "grad_clip, and start a new run")
+        raise FloatingPointError(f"the weights are not finite after step {self.step} ({len(broken)} tensors, the "
+                                 f"first {broken[0]}): {kept}; lower lr or set grad_clip, and start a new run")
 
     def save_best(self, model: nn.Module) -> None:
         """``best.pt``: the evaluated weights (the EMA's when there is one) and the metadata, to load or predict."""
