@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,10 +73,37 @@ def _user_errors_exit(parser: argparse.ArgumentParser, body: Callable):
         parser.exit(2, f"error: {error}\n")
 
 
-def _run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable):
-    """Parse ``argv`` and call ``body(args)``; input errors exit with one line and status 2."""
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable, files: tuple[str, ...] = ("json",)):
+    """Parse ``argv``, check the outputs (:func:`_check_outputs`; ``files``: the options naming a file) and call
+    ``body(args)``; input errors exit with one line and status 2."""
     args = parser.parse_args(argv)
-    return _user_errors_exit(parser, lambda: body(args))
+
+    def checked():
+        _check_outputs(args, files)
+        return body(args)
+    return _user_errors_exit(parser, checked)
+
+
+def _check_outputs(args: argparse.Namespace, files: tuple[str, ...]) -> None:
+    """Before any work: the tool can write each output it was given (``--out``, ``--json``), a file for the options
+    in ``files``, a folder (made here if missing) for the others; else an ``ArgumentError`` naming the option."""
+    for name in ("out", "json"):
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        option, is_file = f"--{name} {path}", name in files
+        if is_file and path.is_dir():
+            raise ArgumentError(f"{option} is a folder; give the file to write")
+        if not is_file and path.exists() and not path.is_dir():
+            raise ArgumentError(f"{option} is a file; give a folder (made if missing)")
+        folder = path.parent if is_file else path
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
+            reason = "a file is in the way" if in_the_way else error.strerror or error
+            raise ArgumentError(f"{option}: cannot write into {folder}: {reason}") from None
 
 
 def _write_json(path: Path | None, metrics) -> None:
@@ -88,8 +116,8 @@ def _write_json(path: Path | None, metrics) -> None:
 
 def train_main(argv: list[str] | None = None, task: str = "detection"):
     """``tools/train_*.py``: ``--config FILE [--resume PATH|auto] [--key value ...]``; returns the ``Run``."""
-    from .training.config import ConfigError, describe_fields, load_config
-    from .training.launch import run_training
+    from .training.config import RESUMABLE, ConfigError, describe_fields
+    from .training.launch import configure, run_training
     from .training.tasks import get_task
 
     parser = Parser(
@@ -97,16 +125,17 @@ def train_main(argv: list[str] | None = None, task: str = "detection"):
                     "config file's values.", epilog="config keys:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with config keys")
-    parser.add_argument("--resume", help="run folder (or its checkpoint) to continue exactly; 'auto': the output "
-                                         "folder's, when it has one")
+    parser.add_argument("--resume", help="run folder (or its checkpoint) to continue exactly, from its own config; "
+                                         f"only {', '.join(RESUMABLE)} may change. 'auto': the output folder's, when "
+                                         "it has one")
     args, overrides = parser.parse_known_args(argv)
 
     def body():
-        cfg = load_config(args.config, overrides, task=task)
+        cfg, resume = configure(args.config, overrides, args.resume, task=task)
         if cfg.task != task:
-            raise ConfigError(f"{args.config}: task is {cfg.task}; this tool trains {task} models (use "
-                              f"{get_task(cfg.task).tool})")
-        return run_training(cfg, args.resume)
+            raise ConfigError(f"{resume or args.config or 'command line'}: task is {cfg.task}; this tool trains "
+                              f"{task} models (use {get_task(cfg.task).tool})")
+        return run_training(cfg, resume)
 
     return _user_errors_exit(parser, body)
 
@@ -291,7 +320,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--format", choices=FORMATS, help="runtime format (default: from the --out suffix: "
                         + ", ".join(f"{suffix} {name}" for name, suffix in FORMATS.items()) + ")")
     parser.add_argument("--out", type=Path, required=True, help="the file to write")
-    parser.add_argument("--size", type=int, nargs="+", metavar="PX",
+    parser.add_argument("--size", type=positive, nargs="+", metavar="PX",
                         help="export size, S or H W (default: detection its own, segmentation 512 1024, backbone 224)")
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default and minimum {OPSET})")
     parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
@@ -299,7 +328,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
                         "'builtin' (the built-in set's validation images); default: the run's validation images "
                         "(from its config) for --int8, the package's sample photos for the fp32 check")
     parser.add_argument("--calibration-images", type=int, default=32, help="how many calibration images")
-    return _run(parser, argv, _export)
+    return _run(parser, argv, _export, files=("out",))
 
 
 def _check_images(args, kind: str, config) -> list[Path]:

@@ -11,6 +11,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 _16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ORIENTATION = 0x0112  # the EXIF tag saying how to turn the stored pixels upright
+_TURNS = {  # orientation -> the turn, on H x W x C pixels (Pillow's ImageOps.exif_transpose, in numpy)
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1), 7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a, 1),
+}
 
 
 class DataError(ValueError):
@@ -34,19 +39,32 @@ def open_image(path: str | Path, kind: str = "image") -> Image.Image:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An H x W x 3 uint8 RGB array; grayscale, palette, CMYK and alpha images are converted.
+    """An H x W x 3 uint8 RGB array, upright: turned as its EXIF orientation says, as image viewers (and torchvision's
+    ``decode_jpeg(apply_exif_orientation=True)``) show it. Grayscale, palette, CMYK and alpha images are converted.
 
     16-bit images keep their high byte (0..65535 scaled to 0..255, as Pillow reduces 16-bit RGB PNGs); 32-bit
     integer and float images have no fixed range and are refused.
     """
+    return upright(*read_stored(path))
+
+
+def read_stored(path: str | Path) -> tuple[np.ndarray, int]:
+    """The pixels of the image at ``path`` as stored (see :func:`read_image`), and its EXIF orientation (1: none)."""
     image = open_image(path)
+    orientation = image.getexif().get(_ORIENTATION, 1)
     if image.mode in _16_BIT_MODES:
         gray = (np.asarray(image) >> 8).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return np.repeat(gray[..., None], 3, axis=2), orientation
     if image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):
         raise DataError(f"{path}: mode {image.mode} (32-bit or signed pixels) has no 8-bit range; save it as an "
                         "8- or 16-bit image")
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image.convert("RGB")), orientation
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored ``pixels`` turned as the EXIF ``orientation`` says (1 or an unknown value: as they are)."""
+    turn = _TURNS.get(orientation)
+    return pixels if turn is None else np.ascontiguousarray(turn(pixels))
 
 
 def sample_seed(*parts: int) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -34,6 +35,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def no_space_left(error: BaseException, folder: Path, size: int) -> bool:
+    """Whether ``error``, raised while writing ``size`` bytes into ``folder``, means that its disk is full: ENOSPC
+    (or EDQUOT, a full quota), raised or wrapped (``torch.save`` raises a ``RuntimeError`` "unexpected pos" whose
+    context is the write's ENOSPC), or a ``RuntimeError`` while the disk has less than ``size`` bytes free."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < size
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the disk that holds ``path`` (an existing file or folder)."""
+    path = Path(path).resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def write_once(root: Path, write: Callable[[Path], None]) -> None:

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -5,6 +6,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -77,3 +79,36 @@ def photos(tmp_path_factory) -> Path:
     for path in [*SAMPLE_IMAGES.values(), REAL / "gray.jpg"]:
         shutil.copy(path, folder)
     return folder
+
+
+def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> Path:
+    """A COCO folder from ``{file_name: PIL image or raw bytes}`` and ``[(file_name, bbox, iscrowd)]``."""
+    (root / split).mkdir(parents=True)
+    (root / "annotations").mkdir()
+    records = []
+    for image_id, (name, image) in enumerate(images.items(), start=1):
+        if isinstance(image, bytes):
+            (root / split / name).write_bytes(image)
+            width, height = 64, 48
+        else:
+            image.save(root / split / name)
+            width, height = image.size
+        records.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    ids = {record["file_name"]: record["id"] for record in records}
+    anns = [{"id": i, "image_id": ids[name], "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
+            for i, (name, bbox, crowd) in enumerate(annotations, start=1)]
+    dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
+    return root
+
+
+def exif_jpeg(path: Path, orientation: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """A JPEG of random pixels stored ``width`` x ``height`` with the EXIF orientation tag ``orientation`` (6: viewers
+    turn it 90 degrees clockwise, as phones store portrait photos); returns its pixels as stored, decoded."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, exif=exif)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import exif_jpeg
+from PIL import Image, ImageOps
 
 from heads.data import DataError, read_image, unwrap_worker_errors
 
@@ -49,6 +50,30 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"junk")
     with pytest.raises(DataError, match=f"corrupt or unreadable image {tmp_path / 'junk.jpg'}"):
         read_image(tmp_path / "junk.jpg")
+
+
+TURNS = {  # EXIF orientation -> what viewers do to the stored pixels (the EXIF specification's table)
+    1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", TURNS)
+def test_the_exif_orientation_is_applied_as_viewers_do(tmp_path, orientation):
+    stored = exif_jpeg(tmp_path / "photo.jpg", orientation)
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.shape == TURNS[orientation](stored).shape and (image == TURNS[orientation](stored)).all()
+    with Image.open(tmp_path / "photo.jpg") as photo:  # Pillow's reading of the tag agrees
+        assert (image == np.asarray(ImageOps.exif_transpose(photo).convert("RGB"))).all()
+    assert image.flags["C_CONTIGUOUS"]
+
+
+def test_a_portrait_phone_photo_is_upright(tmp_path):
+    """Stored 640 wide and 427 high with orientation 6, as phones write them: the photo is 427 x 640."""
+    stored = exif_jpeg(tmp_path / "phone.jpg", 6, width=640, height=427)
+    image = read_image(tmp_path / "phone.jpg")
+    assert image.shape == (640, 427, 3) and (image == np.rot90(stored, -1)).all()
 
 
 class _Failing(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from mbbackbones.choices import ArgumentError, check_choice
 
-from ..data import DataError, read_image, split_item
+from ..data import DataError, read_stored, split_item, upright
 
 _logger = logging.getLogger(__name__)
 
@@ -103,18 +103,31 @@ class CocoDetection(torch.utils.data.Dataset):
         if str(path) in self.skipped:
             return None
         try:
-            image = read_image(path)
+            stored, orientation = read_stored(path)
         except DataError as error:
             if not self.skip_corrupt:
                 raise
             _logger.warning("skipping %s", error)
             self.skipped.add(str(path))
             return None
-        height, width = image.shape[:2]
-        if (record["width"], record["height"]) != (width, height):
-            raise DataError(f"{self.annotation_file}: image {image_id} is recorded as {record['width']}x"
-                            f"{record['height']} but {path} is {width}x{height} (width x height); fix the record")
-        return self._sample(image, image_id, seed)
+        return self._sample(self._recorded_frame(stored, orientation, image_id, path), image_id, seed)
+
+    def _recorded_frame(self, stored: np.ndarray, orientation: int, image_id: int, path: Path) -> np.ndarray:
+        """The image in the frame its record's size gives: as stored (COCO's own photos were annotated so, EXIF
+        orientation or not), or else upright, turned by its EXIF orientation (a photo annotated as viewers show it).
+        When the size cannot tell (a 180-degree turn, a mirror, a square photo), as stored. A ``DataError`` when it
+        matches neither."""
+        record = self.coco.imgs[image_id]
+        recorded = (record["width"], record["height"])
+        turned = upright(stored, orientation)
+        for image in (stored, turned):
+            if recorded == (image.shape[1], image.shape[0]):
+                return image
+        size = f"{stored.shape[1]}x{stored.shape[0]}"
+        if turned is not stored:
+            size += f" as stored and {turned.shape[1]}x{turned.shape[0]} upright (EXIF orientation {orientation})"
+        raise DataError(f"{self.annotation_file}: image {image_id} is recorded as {recorded[0]}x{recorded[1]} but "
+                        f"{path} is {size} (width x height); fix the record")
 
     def _sample(self, image: np.ndarray, image_id: int, seed: int | None):
         boxes, labels = self._annotations(image_id, *image.shape[:2])

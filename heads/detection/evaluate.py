@@ -97,22 +97,22 @@ def save_results(results: list[dict], path: str | os.PathLike) -> None:
 def load_results(path: str | os.PathLike) -> list[dict]:
     """Read a results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``; an entry with
     a missing key, a non-integer id, or a NaN, infinite, negative-size or non-numeric box or score is refused with
-    its index."""
+    its index, in one line (a ``DataError``)."""
     try:
         with open(path) as file:
             results = json.load(file)
     except FileNotFoundError:
         raise FileNotFoundError(f"results file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: malformed JSON: {error}") from None
+        raise DataError(f"{path}: malformed JSON: {error}") from None
     if not isinstance(results, list):
-        raise ValueError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
+        raise DataError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
     for index, entry in enumerate(results):
         if not (isinstance(entry, dict) and all(key in entry for key in RESULT_KEYS)):
-            raise ValueError(f"{path}: entry {index} is not a dict with {', '.join(RESULT_KEYS)} (bbox = [x, y, w, h])")
+            raise DataError(f"{path}: entry {index} is not a dict with {', '.join(RESULT_KEYS)} (bbox = [x, y, w, h])")
         problem = _result_problem(entry)
         if problem:
-            raise ValueError(f"{path}: entry {index}: {problem}")
+            raise DataError(f"{path}: entry {index}: {problem}")
     return results
 
 
@@ -198,7 +198,7 @@ def _image_ids(image_ids: Iterable[int], coco_gt) -> list[int]:
 def _check_known(ids: Iterable[int], known: Iterable[int], what: str) -> None:
     unknown = sorted(set(ids) - set(known))
     if unknown:
-        raise ValueError(f"{what} not in the ground truth: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        raise DataError(f"{what} not in the ground truth: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
 
 
 def _per_class(cocoeval, coco_gt) -> list[tuple[str, float, float]]:

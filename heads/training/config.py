@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -46,9 +47,13 @@ SIZE = Rule(lambda value: len(value) == 2 and all(isinstance(v, int) and not isi
                                                   for v in value), "two positive integers [height, width]")
 
 
-def option(default, help: str, rule: Rule | None = None):
-    """A config field: its default, its one-line documentation and the rule its values follow (``None`` passes)."""
-    metadata = dict(help=help, rule=rule)
+def option(default, help: str, rule: Rule | None = None, resumable: bool = False):
+    """A config field: its default, its one-line documentation and the rule its values follow (``None`` passes).
+
+    ``resumable``: a resumed run may change it (where the run runs, what it writes, how it evaluates). The other
+    fields define what the checkpoint continues (the model, the data and its order, the optimisation): a resumed
+    run that changes one is refused (:func:`resume_changes`)."""
+    metadata = dict(help=help, rule=rule, resumable=resumable)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -76,10 +81,10 @@ class TrainConfig:
     val_images: str | None = option(None, "COCO: the validation image folder")
     label_mode: str = option("contiguous", "COCO labels: contiguous | coco91 (torchvision's 91 classes)",
                              one_of("contiguous", "coco91"))
-    skip_corrupt: bool = option(False, "skip unreadable images (counted) instead of stopping")
+    skip_corrupt: bool = option(False, "skip unreadable images (counted) instead of stopping", resumable=True)
     augment: str = option("ssdlite", "detection: ssdlite | ssd | none; segmentation: default | none")
     crop_size: list = option([512, 1024], "segmentation training crop [height, width]", SIZE)
-    workers: int = option(2, "data loading processes (0: in the main process)", at_least(0))
+    workers: int = option(2, "data loading processes (0: in the main process)", at_least(0), resumable=True)
     # optimisation
     epochs: int = option(660, "passes over the training set", at_least(1))
     max_steps: int | None = option(None, "stop after this many optimizer steps (a budget), if set", at_least(1))
@@ -103,16 +108,19 @@ class TrainConfig:
     sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only)")
     # bookkeeping
     seed: int = option(0, "seed of weights, sampling and augmentation")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N", DEVICE)
-    output: str = option("runs/train", "run folder; taken: the next free one (runs/x-2, ...), unless resuming")
-    checkpoint_every: int = option(500, "steps between checkpoints (also at every epoch end)", at_least(1))
-    eval_every: int = option(1, "epochs between evaluations; 0: only at the end", at_least(0))
-    eval_limit: int | None = option(None, "evaluate on the first N validation images only", at_least(1))
-    log_every: int = option(10, "steps between log records", at_least(1))
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", DEVICE, resumable=True)
+    output: str = option("runs/train", "run folder; taken: the next free one (runs/x-2, ...), unless resuming",
+                         resumable=True)
+    checkpoint_every: int = option(500, "steps between checkpoints (also at every epoch end)", at_least(1),
+                                   resumable=True)
+    eval_every: int = option(1, "epochs between evaluations; 0: only at the end", at_least(0), resumable=True)
+    eval_limit: int | None = option(None, "evaluate on the first N validation images only", at_least(1), resumable=True)
+    log_every: int = option(10, "steps between log records", at_least(1), resumable=True)
     scorer: str = option("pycocotools", "detection: pycocotools | faster_coco_eval",
-                         one_of("pycocotools", "faster_coco_eval"))
-    bn_recalibrate: int = option(0, "batches to re-estimate BN statistics on before each evaluation", at_least(0))
-    tensorboard: bool = option(True, "write TensorBoard event files into the run folder")
+                         one_of("pycocotools", "faster_coco_eval"), resumable=True)
+    bn_recalibrate: int = option(0, "batches to re-estimate BN statistics on before each evaluation", at_least(0),
+                                 resumable=True)
+    tensorboard: bool = option(True, "write TensorBoard event files into the run folder", resumable=True)
 
     @property
     def global_batch(self) -> int:
@@ -121,6 +129,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
+RESUMABLE = tuple(name for name, field in FIELDS.items() if field.metadata["resumable"])  # the rest: fixed per run
 
 
 def _kind_name(kind) -> str:
@@ -128,17 +137,40 @@ def _kind_name(kind) -> str:
             list: "a list", dict: "a mapping"}[kind]
 
 
+def _kinds(name: str) -> tuple:
+    """The types field ``name`` takes (``float | None`` -> ``(float, NoneType)``)."""
+    return typing.get_args(HINTS[name]) or (HINTS[name],)
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+
+
+def _number(text: str):
+    """``text`` as a float when Python reads it as one (YAML 1.1 reads ``1e-3`` and ``4e-05``, exponents without a
+    dot, as strings), else ``text`` unchanged."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def check_value(name: str, value, source: str):
-    """``value`` for field ``name``, with ints widened to floats where a float is due; else a ``ConfigError``."""
-    allowed = typing.get_args(HINTS[name]) or (HINTS[name],)
+    """``value`` for field ``name``, with ints and float spellings (``"1e-3"``) turned into floats where a float is
+    due; else a ``ConfigError``. Non-finite floats are refused."""
+    allowed = _kinds(name)
+    if isinstance(value, str) and float in allowed and str not in allowed:
+        value = _number(value)
     for kind in allowed:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if kind is float and _is(value, int):
             value = float(value)
-        if isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+        if _is(value, kind):
             break
     else:
         expected = " or ".join(_kind_name(kind) for kind in allowed)
         raise ConfigError(f"{source}: {name} must be {expected}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
     rule = FIELDS[name].metadata["rule"]
     if rule is not None and value is not None and not isinstance(value, bool) and not rule.check(value):
         hint = did_you_mean(value, rule.choices) if rule.choices and isinstance(value, str) else ""
@@ -209,11 +241,21 @@ def parse_overrides(args: list[str]) -> dict:
                 raw = "true"
             else:
                 raise ConfigError(f"command line: --{key} needs a value ({FIELDS[key].metadata['help']})")
-        try:
-            values[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key] = raw  # a string YAML cannot read, such as a path with a colon and a space
+        values[key] = _read_value(key, raw)
     return values
+
+
+def _read_value(key: str, raw: str):
+    """A command-line value read as YAML; the text itself for a string field when YAML reads a number or a boolean
+    that the field does not take (``--train-split 2017``), or when YAML cannot read it (a path with ``: ``)."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    allowed = _kinds(key)
+    if isinstance(value, (bool, int, float)) and str in allowed and not any(_is(value, kind) for kind in allowed):
+        return raw
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
@@ -232,6 +274,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         values.update(given)
         sources.update(dict.fromkeys(given, "command line"))
     return make_config(values, sources)
+
+
+def resume_changes(stored: TrainConfig, cfg: TrainConfig, run: str | Path) -> list[str]:
+    """The keys in which ``cfg`` differs from the ``stored`` config of ``run``, as ``"key old -> new"``: all of them
+    resumable, or else a ``ConfigError`` that names every changed key which is not."""
+    changes = {name: (getattr(stored, name), getattr(cfg, name)) for name in FIELDS
+               if getattr(stored, name) != getattr(cfg, name)}
+    described = {name: f"{name} {_show(old)} -> {_show(new)}" for name, (old, new) in changes.items()}
+    refused = [text for name, text in described.items() if name not in RESUMABLE]
+    if refused:
+        raise ConfigError(f"cannot resume {run} with other values of keys that define the training it continues: "
+                          f"{', '.join(refused)}; drop them, or start a new run (only {', '.join(RESUMABLE)} may "
+                          "change)")
+    return list(described.values())
+
+
+def _show(value) -> str:
+    """A value as YAML writes it (``null``, ``true``, ``0.001``, ``[512, 1024]``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
 
 
 def to_dict(config: TrainConfig) -> dict:

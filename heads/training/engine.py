@@ -7,9 +7,9 @@ engine owns everything else. Runs under ``torchrun`` unchanged (one process per 
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mbbackbones.checkpoint import CheckpointError, load_file
 
 from ..data import sample_seed, unwrap_worker_errors
-from ..files import atomic_write
+from ..files import atomic_write, mount_point, no_space_left
 from .config import ConfigError, TrainConfig, to_dict
 from .distributed import Distributed, unwrap
 from .logs import LOG, PLOT, RunLog
@@ -34,6 +34,30 @@ from .sampler import StepSampler
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
 CONFIG = "config.yaml"
+
+
+def run_folder(resume: str | os.PathLike) -> Path:
+    """The folder of the run that ``resume`` (its folder or a checkpoint in it) names."""
+    folder = Path(resume)
+    if folder.is_file():
+        return folder.parent
+    if not (folder / CHECKPOINT).is_file():
+        raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
+    return folder
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of the tensors in ``value`` (nested dicts, lists and tuples): about what ``torch.save`` writes."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(map(_tensor_bytes, value.values()))
+    return sum(map(_tensor_bytes, value)) if isinstance(value, (list, tuple)) else 0
+
+
+def _model_name(config: dict) -> str:
+    """The model a config trains: its registered name and constructor arguments."""
+    return f"{config['model']} {config['model_kwargs']}"
 
 
 def lr_factor(step: int, total: int, warmup: int, warmup_factor: float, kind: str) -> float:
@@ -100,6 +124,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.env.device.type, dtype=torch.float16 if cuda_amp else torch.bfloat16)
                          if cfg.amp else nullcontext())
         self.step, self.metrics, self.best = 0, {}, None
+        self.saved_step = None  # the step of the last checkpoint written or resumed from
         self.output, self.lock = self._folder(resume)
         self.log = None
         try:
@@ -118,11 +143,7 @@ class Trainer:
         """The run folder (a new one claimed by rank 0 and told to the others, or the one to resume) and its lock."""
         lock = None
         if resume:
-            folder = Path(resume)
-            if folder.is_file():
-                folder = folder.parent
-            elif not (folder / CHECKPOINT).is_file():
-                raise RunError(f"nothing to resume in {folder}: no {CHECKPOINT}")
+            folder = run_folder(resume)
             if self.env.main:
                 lock = lock_for_resume(folder)
         elif self.env.main:
@@ -151,18 +172,46 @@ class Trainer:
         return state
 
     def _write(self, name: str, state: dict) -> None:
+        """``state`` into the run folder's ``name``, which stays as it was when that fails: a full disk or another
+        reason to be unable to write is one line (a ``RunError``)."""
         path = self.output / name
         try:
             with atomic_write(path) as file:
                 torch.save(state, file)
-        except OSError as error:
-            full = " (disk full)" if error.errno == errno.ENOSPC else ""
-            raise RunError(f"could not write {path}{full}: {error.strerror or error}; the previous {name} is "
-                           "intact") from None
+        except (OSError, RuntimeError) as error:
+            size = _tensor_bytes(state)
+            if name == CHECKPOINT and self.saved_step is not None:
+                kept = f"the previous {name} (step {self.saved_step}) is intact"
+            else:
+                kept = f"the previous {name} is intact" if path.is_file() else f"no {name} was written"
+            if no_space_left(error, self.output, size):
+                free = shutil.disk_usage(self.output).free
+                raise RunError(f"no space left on {mount_point(self.output)} (the disk of {self.output}): could not "
+                               f"write {path} ({free / 2**20:.1f} MiB free, about {size / 2**20:.1f} MiB needed); "
+                               f"{kept}: free some space, then resume") from None
+            if isinstance(error, RuntimeError):
+                raise  # a bug in what is written, not the disk
+            raise RunError(f"could not write {path}: {error.strerror or error}; {kept}") from None
 
     def save(self) -> None:
+        self._stop_unless_finite()
         if self.env.main:
             self._write(CHECKPOINT, self.state())
+            self.saved_step = self.step
+
+    def _stop_unless_finite(self) -> None:
+        """A ``FloatingPointError`` when an update has overflowed the weights (or the EMA's): they are then neither
+        saved nor evaluated, and the last checkpoint stays as it is. Every process checks its own (equal) copy."""
+        models = {"": unwrap(self.model), "EMA ": self.ema.module if self.ema is not None else None}
+        broken = [f"{prefix}{name}" for prefix, model in models.items() if model is not None
+                  for name, value in model.state_dict().items()
+                  if value.is_floating_point() and not value.isfinite().all()]
+        if not broken:
+            return
+        kept = (f"{self.output / CHECKPOINT} is kept from step {self.saved_step}" if self.saved_step is not None
+                else f"no {CHECKPOINT} was written")
+        raise FloatingPointError(f"the weights are not finite after step {self.step} ({len(broken)} tensors, the "
+                                 f"first {broken[0]}): {kept}; lower lr or set grad_clip, and start a new run")
 
     def save_best(self, model: nn.Module) -> None:
         """``best.pt``: the evaluated weights (the EMA's when there is one) and the metadata, to load or predict."""
@@ -172,6 +221,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         try:
             state = load_file(path)
+            trained = _model_name(state["config"])
+            if trained != _model_name(to_dict(self.cfg)):
+                raise CheckpointError(f"it holds a {trained}, this run trains {_model_name(to_dict(self.cfg))}")
             if state["steps_per_epoch"] != self.sampler.steps_per_epoch:
                 raise CheckpointError(f"it has {state['steps_per_epoch']} steps per epoch, this run "
                                       f"{self.sampler.steps_per_epoch}: keep batch_size, accumulate and the process "
@@ -188,6 +240,7 @@ class Trainer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"cannot resume from {path}: {reason}") from None
         self.step, self.metrics, self.best = state["step"], state["metrics"], state.get("best")
+        self.saved_step = self.step
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
@@ -267,6 +320,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         """Evaluate the EMA (if any) or the model, every process on its share of the validation set; log and plot
         the metrics, draw a few predictions, and keep ``best.pt`` when the main metric improves."""
+        self._stop_unless_finite()
         model = self.ema.module if self.ema is not None else unwrap(self.model)
         if self.cfg.bn_recalibrate:  # on every process (SyncBatchNorm layers talk to each other), same batches
             self.sampler.set_epoch(epoch - 1)  # whether or not the run was resumed
@@ -278,8 +332,10 @@ class Trainer:
         if self.env.main:
             pictures = self.task.pictures(model, self.val_set, self.env.device) if self.log.writer else []
             self.log.evaluation(self.step, epoch, self.metrics, pictures)
-            score = self.metrics.get(self.task.main_metric)
-            if score is not None and math.isfinite(score) and (self.best is None or score > self.best):
+            score = self.task.score(self.metrics)
+            if score is None:
+                print(f"{self.task.main_metric}: no ground truth in the evaluated images; {BEST} is not updated")
+            elif self.best is None or score > self.best:
                 self.best = score
                 self.save_best(model)
         self.env.barrier()
@@ -294,13 +350,17 @@ class Trainer:
 
     def summary(self) -> str:
         """Where everything went, and the final score."""
-        score = self.metrics.get(self.task.main_metric, float("nan"))
-        best = float("nan") if self.best is None else self.best
+        score = self.task.score(self.metrics)
+        if score is not None:
+            score = f"{score:.4f}"
+        elif self.task.main_metric in self.metrics:
+            score = "no ground truth"
+        best = "none" if self.best is None else f"{self.best:.4f}"
         curves = f"{self.output / PLOT}, {self.output / LOG}"
         if self.log is not None and self.log.writer is not None:
             curves += f", TensorBoard (tensorboard --logdir {self.output})"
         return "\n".join([
-            f"done: {self.step} steps; {self.task.main_metric} = {score:.4f} (best {best:.4f})",
+            f"done: {self.step} steps; {self.task.main_metric} = {score or 'not evaluated'} (best {best})",
             f"  run folder  {self.output}",
             f"  weights     {self.output / BEST} (best), {self.output / CHECKPOINT} (last, to resume)",
             f"  curves      {curves}",

@@ -1,6 +1,7 @@
 """What the training engine needs to know about each task: datasets, model, loss, evaluation and pictures."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from mbbackbones.choices import check_choice
 
 from .. import registry
+from ..data import DataError
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed, unwrap
 
@@ -75,6 +77,12 @@ class Task:
         return cls.dataset(cfg, train=True), cls.dataset(cfg, train=False)
 
     @classmethod
+    def score(cls, metrics: dict) -> float | None:
+        """The main metric of an evaluation, to rank checkpoints by; None when there was nothing to measure."""
+        value = metrics.get(cls.main_metric)
+        return value if value is not None and math.isfinite(value) else None
+
+    @classmethod
     def model(cls, cfg: TrainConfig, train_set) -> nn.Module:
         """The registered model, its classes and their dataset ids in its metadata."""
         model = registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
@@ -100,6 +108,12 @@ class DetectionTask(Task):
     def explicit_paths(cfg: TrainConfig) -> bool:
         return all((cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations))
 
+    @classmethod
+    def score(cls, metrics: dict) -> float | None:
+        """AP, or None where COCOeval reports -1: the evaluated images hold no ground-truth box."""
+        value = super().score(metrics)
+        return value if value is None or value >= 0 else None
+
     @staticmethod
     def dataset(cfg: TrainConfig, train: bool):
         from ..detection.builtin import builtin_coco
@@ -108,12 +122,18 @@ class DetectionTask(Task):
 
         root = cfg.data_root if cfg.dataset == "coco" else builtin_coco()
         common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
-        if not train:
-            return CocoDetection(root, cfg.val_split, image_dir=cfg.val_images, annotation_file=cfg.val_annotations,
-                                 **common)
-        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
-        return CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
-                             annotation_file=cfg.train_annotations, **common)
+        if train:
+            transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
+            dataset = CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
+                                    annotation_file=cfg.train_annotations, **common)
+        else:
+            dataset = CocoDetection(root, cfg.val_split, image_dir=cfg.val_images,
+                                    annotation_file=cfg.val_annotations, **common)
+        if not dataset.coco.anns:
+            purpose = "train on" if train else "evaluate against"
+            raise DataError(f"{dataset.annotation_file}: no annotations to {purpose}; training needs an instances "
+                            "file with boxes (a test split without them is for tools/eval_det.py)")
+        return dataset
 
     @staticmethod
     def dataset_ids(dataset) -> list[int | None]:

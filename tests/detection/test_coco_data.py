@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REAL
+from conftest import REAL, exif_jpeg, write_coco
 from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
@@ -29,27 +29,6 @@ def instances(root: Path, split: str) -> dict:
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory) -> Path:
     return builtin_coco(tmp_path_factory.mktemp("data") / "shapes", num_train=40, num_val=12)
-
-
-def write_coco(root: Path, images: dict, annotations: list, split="val2017") -> Path:
-    """A COCO folder from ``{file_name: PIL image or raw bytes}`` and ``[(file_name, bbox, iscrowd)]``."""
-    (root / split).mkdir(parents=True)
-    (root / "annotations").mkdir()
-    records = []
-    for image_id, (name, image) in enumerate(images.items(), start=1):
-        if isinstance(image, bytes):
-            (root / split / name).write_bytes(image)
-            width, height = 64, 48
-        else:
-            image.save(root / split / name)
-            width, height = image.size
-        records.append({"id": image_id, "file_name": name, "width": width, "height": height})
-    ids = {record["file_name"]: record["id"] for record in records}
-    anns = [{"id": i, "image_id": ids[name], "category_id": 5, "bbox": bbox, "area": 1.0, "iscrowd": crowd}
-            for i, (name, bbox, crowd) in enumerate(annotations, start=1)]
-    dataset = {"images": records, "annotations": anns, "categories": [{"id": 5, "name": "thing"}]}
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
-    return root
 
 
 def gray_image(width=64, height=48, mode="RGB") -> Image.Image:
@@ -206,6 +185,28 @@ def test_grayscale_and_cmyk_become_rgb(tmp_path, mode):
     root = write_coco(tmp_path, {"a.jpg": gray_image(mode=mode)}, [])
     image, target = CocoDetection(root)[0]
     assert image.shape == (3, 48, 64) and target["boxes"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("recorded, upright", [((48, 64), True), ((64, 48), False)])
+def test_a_photo_with_an_exif_orientation_is_read_in_the_frame_of_its_record(tmp_path, recorded, upright):
+    """A photo annotated as viewers show it is turned upright; one annotated as stored (COCO's own photos with an
+    orientation tag) is not. Boxes are in the recorded frame either way."""
+    root = write_coco(tmp_path, {"a.jpg": gray_image(*recorded)}, [("a.jpg", [1, 2, 30, 20], 0)])
+    stored = exif_jpeg(root / "val2017" / "a.jpg", 6)  # 64 x 48 as stored, 48 x 64 upright
+    image, target = CocoDetection(root)[0]
+    pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(pixels, np.rot90(stored, -1) if upright else stored)
+    assert target["boxes"].tolist() == [[1, 2, 31, 22]]
+
+
+def test_a_photo_whose_record_matches_neither_frame_is_named(tmp_path):
+    root = write_coco(tmp_path, {"a.jpg": gray_image(50, 50)}, [])
+    exif_jpeg(root / "val2017" / "a.jpg", 6)
+    with pytest.raises(DataError) as raised:
+        CocoDetection(root)[0]
+    assert str(raised.value) == (f"{root / 'annotations' / 'instances_val2017.json'}: image 1 is recorded as 50x50 but "
+                                 f"{root / 'val2017' / 'a.jpg'} is 64x48 as stored and 48x64 upright (EXIF orientation "
+                                 "6) (width x height); fix the record")
 
 
 def break_root(root: Path):

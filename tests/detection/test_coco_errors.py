@@ -207,10 +207,10 @@ def test_training_with_workers_reports_a_corrupt_image_in_one_line(tmp_path, cap
     from heads.cli import train_main
 
     images = {f"{i}.jpg": b"junk" for i in range(4)}
-    root = make_coco(tmp_path / "coco", images, {})
+    root = make_coco(tmp_path / "coco", images, dict.fromkeys(images, [[1, 2, 10, 10]]))
     (root / "val2017").rename(root / "train2017")
     (root / ANNOTATIONS).rename(root / "annotations" / "instances_train2017.json")
-    make_coco(tmp_path / "val", {"a.jpg": (64, 48)}, {})
+    make_coco(tmp_path / "val", {"a.jpg": (64, 48)}, {"a.jpg": [[1, 2, 10, 10]]})
     (tmp_path / "val" / "val2017").rename(root / "val2017")
     (tmp_path / "val" / ANNOTATIONS).rename(root / ANNOTATIONS)
     argv = ["--dataset", "coco", "--data-root", str(root), "--model", "ssdlite320_mbv3_small_reduced",
