@@ -60,6 +60,8 @@ MODELS = (
     TaskEntry("ssdlite320_mbv3_small", SSDLite, "mbv3_small", {}, (Reference(TABLE6, 16.0, 2.49e6, 210),)),
     TaskEntry("ssdlite320_mbv2_100", SSDLite, "mbv2_100", {}, (Reference(TABLE6, 22.1, 4.3e6, 800),)),
     TaskEntry("ssdlite320_mbv1_100", SSDLite, "mbv1_100", {}, (Reference(TABLE6, 22.2, 5.1e6, 1300),)),
+    TaskEntry("ssdlite320_mbv4_conv_small", SSDLite, "mbv4_conv_small", {}),
+    TaskEntry("ssdlite320_mbv4_conv_medium", SSDLite, "mbv4_conv_medium", {}),
     # torchvision counts its 2086M MAdds at 520x520 (its preset resize); 15786M at 1024x2048
     # (tests/segmentation/test_lraspp.py)
     TaskEntry("lraspp_mbv3_large", LRASPP, "mbv3_large", {}, (
@@ -71,6 +73,7 @@ MODELS = (
         Reference("MobileNetV3 paper §6.3 (Cityscapes val mIoU)", 72.6, None, None),)),
     TaskEntry("lraspp_mbv3_small", LRASPP, "mbv3_small", {}),
     TaskEntry("lraspp_mbv3_small_reduced", LRASPP, "mbv3_small_reduced", {}),
+    TaskEntry("lraspp_mbv4_conv_small", LRASPP, "mbv4_conv_small", {}),
 )
 ENTRIES = {entry.name: entry for entry in MODELS}
 TASK_MODELS = {cls.task: cls for cls in (SSDLite, LRASPP)}  # the class whose hooks read a task's metadata

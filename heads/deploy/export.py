@@ -65,7 +65,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode where each Conv2d -> BatchNorm2d pair is one conv with a bias.
 
     Pairs are consecutive children of a Sequential (our ``ConvNormAct``, torchvision's ``Conv2dNormActivation``);
-    the BatchNorm becomes an ``nn.Identity``. A BatchNorm that no conv precedes is an error.
+    the BatchNorm becomes an ``nn.Identity``. Any other BatchNorm (a timm backbone's ``BatchNormAct2d``, a norm no
+    conv precedes) stays, in eval mode: the same numbers, one more operator (runtimes fuse it themselves).
     """
     model = copy.deepcopy(model).eval()
     for parent in model.modules():
@@ -73,12 +74,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         children = list(parent.named_children())
         for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d:  # not subclasses that do more
                 setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm))
                 setattr(parent, norm_name, nn.Identity())
-    left = [name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    if left:
-        raise ValueError(f"cannot fold BatchNorm {left[0]!r}: it does not directly follow a Conv2d in a Sequential")
     return model
 
 

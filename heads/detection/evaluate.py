@@ -282,11 +282,12 @@ def model_categories(meta: dict, dataset) -> dict[int, int]:
             raise DataError(f"{meta['name']} has {meta['num_classes']} classes (no dataset ids in its metadata) but "
                             f"{source} gives {dataset.num_classes} labels: evaluate it on the data it was trained on")
         return dict(dataset.label_to_category)
+    cats = dataset.coco.cats  # labels of categories the dataset lacks (torchvision's N/A ids) are not scored
     mapping = {label: int(category) for label, category in enumerate(ids) if category is not None and label > 0}
-    cats = dataset.coco.cats
     wrong = [(label, meta["categories"][label], category, cats[category]["name"]) for label, category in mapping.items()
              if category in cats and cats[category]["name"] != meta["categories"][label]]
-    if wrong or not set(mapping.values()) & set(cats):
+    mapping = {label: category for label, category in mapping.items() if category in cats}
+    if wrong or not mapping:
         label, name, category, theirs = wrong[0] if wrong else (None, None, None, None)
         detail = (f"its label {label} is {name!r} (category {category}), which {source} calls {theirs!r}" if wrong else
                   f"none of its category ids is in {source}")

@@ -182,7 +182,8 @@ class SSDLite(TaskModel):
     def metadata(self) -> dict:
         """What the model's metadata says of it: label 0 is the background, images are resized to its square."""
         return dict(categories=["__background__", *(f"class {i}" for i in range(1, self.num_classes))],
-                    input_size=[self.size, self.size], postprocess=self.settings())
+                    input_size=[self.size, self.size], postprocess=self.settings(),
+                    feature_location=getattr(self.backbone, "feature_location", None))
 
     @torch.jit.unused
     def export_size(self, size: int | Sequence[int] | None = None) -> Tuple[int, int]:

@@ -141,7 +141,8 @@ class LRASPP(TaskModel):
         return (self(self.normalize(images)),)
 
     def metadata(self) -> dict:
-        return dict(categories=[f"class {i}" for i in range(self.num_classes)], input_size=None)
+        return dict(categories=[f"class {i}" for i in range(self.num_classes)], input_size=None,
+                    feature_location=getattr(self.backbone, "feature_location", None))
 
     def export_size(self, size: int | Sequence[int] | None = None) -> tuple[int, int]:
         return as_size(EXPORT_SIZE if size is None else size)

@@ -213,7 +213,8 @@ def test_segmentation_is_torchvisions_argmax(tmp_path):
     reference = randomize_batchnorm(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21))
     torch.save(reference.state_dict(), tmp_path / "lraspp_tv.pth")
     image = read_image(heads.SAMPLE_IMAGES["kitten"])
-    result = Predictor(tmp_path / "lraspp_tv.pth", name="lraspp_mbv3_large", fuse=False)(image)[0]
+    model = heads.create_model("lraspp_mbv3_large", num_classes=21, pretrained=tmp_path / "lraspp_tv.pth")
+    result = Predictor(model, fuse=False)(image)[0]
     with torch.no_grad():  # torchvision's input: the photo in [0, 1], ImageNet-normalised
         x = normalize(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
         expected = reference(x[None])["out"][0].argmax(0)

@@ -129,9 +129,12 @@ def test_fold_batchnorm_keeps_outputs_and_removes_every_batchnorm(build):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_fold_batchnorm_rejects_a_batchnorm_without_a_conv():
-    with pytest.raises(ValueError, match="cannot fold BatchNorm '1'"):
-        export.fold_batchnorm(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)))
+def test_fold_batchnorm_keeps_a_batchnorm_without_a_conv_in_eval_mode():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.BatchNorm2d(3))).train()
+    folded = export.fold_batchnorm(model)
+    assert isinstance(folded[2], nn.BatchNorm2d) and not folded[2].training
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model.eval()(x))
 
 
 # -- each runtime against PyTorch ------------------------------------------------------------------------------------
@@ -165,15 +168,15 @@ def trained_like(tmp_path_factory):
     return model, images
 
 
-@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fp32", "int8"])
 @pytest.mark.parametrize("format", FORMATS)
-def test_a_trained_like_detector_passes_the_export_check(format, int8, trained_like, tmp_path):
-    """The export tool's check (runtimes.check) accepts a correct export of a trained-like network: box rounding
-    after the decoding's exponential is ~1e-2 px at 320, so the box tolerance is relative to the input size."""
+def test_a_trained_like_detector_passes_the_export_check(format, trained_like, tmp_path):
+    """The export tool's check (runtimes.check) accepts a correct fp32 export of a trained-like network: box rounding
+    after the decoding's exponential is ~1e-2 px at 320, so the box tolerance is relative to the input size. (INT8:
+    this random head's foreground scores are near-ties that int8 reorders, 0.6 of the top 10 kept; INT8 files are
+    checked on the spread detector above and by AP on the built-in set.)"""
     pytest.importorskip(PACKAGES[format])
     model, images = trained_like
-    path = runtimes.export(model, tmp_path / f"d{runtimes.FORMATS[format]}", int8=int8,
-                           calibration=images if int8 else None)
+    path = runtimes.export(model, tmp_path / f"d{runtimes.FORMATS[format]}")
     checks = runtimes.check(model, runtimes.load(path, threads=1), torch.from_numpy(np.concatenate(images[:2])))
     assert checks and all(check.passed for check in checks), "; ".join(map(str, checks))
 
@@ -380,8 +383,8 @@ def test_export_tool_calibrates_on_the_runs_validation_images(tmp_path, capsys, 
 
 @pytest.mark.parametrize("argv, message", [
     (["--int8"], "--int8 needs calibration images and {weights} has no run config"),
-    (["--out", "{tmp}/folder.onnx"], "cannot export to {tmp}/folder.onnx: it is a folder; name the .onnx file"),
-    (["--out", "{tmp}/file.txt/model.onnx"], "cannot write {tmp}/file.txt/model.onnx: File exists"),
+    (["--out", "{tmp}/folder.onnx"], "--out {tmp}/folder.onnx is a folder; give the file to write"),
+    (["--out", "{tmp}/file.txt/model.onnx"], "cannot write into {tmp}/file.txt: a file is in the way"),
     (["--out", "{tmp}/model.engine"], "cannot tell the format of {tmp}/model.engine"),
     (["--format", "openvino"], "{tmp}/model.onnx: openvino files end in .xml"),
 ])

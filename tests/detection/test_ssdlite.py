@@ -24,6 +24,8 @@ EXPECTED = {
     "ssdlite320_mbv3_small": (2_600_636, 0.2432),
     "ssdlite320_mbv2_100": (4_664_988, 0.8701),
     "ssdlite320_mbv1_100": (5_393_116, 1.3808),
+    "ssdlite320_mbv4_conv_small": (3_431_420, 0.6063),  # C4 expansion 576, C5 960
+    "ssdlite320_mbv4_conv_medium": (9_600_236, 2.0061),
 }
 
 

@@ -21,6 +21,7 @@ COSTS = {
     "lraspp_mbv3_large_reduced": (1_746_878, 1_747_218, 9.915),
     "lraspp_mbv3_small": (1_077_646, 1_077_954, 5.064),
     "lraspp_mbv3_small_reduced": (515_614, 515_922, 2.832),
+    "lraspp_mbv4_conv_small": (1_511_974, 1_512_426, 14.173),
 }
 
 
