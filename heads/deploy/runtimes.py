@@ -191,7 +191,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         metadata = json.loads(text)
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: its metadata{where} is not valid JSON ({error.msg} at character "
+        raise CheckpointError(f"{path}: its metadata{where} is not valid JSON ({error.msg}, character "
                               f"{error.pos}): export it again") from None
     if not isinstance(metadata, dict) or "task" not in metadata:
         raise CheckpointError(f"{path}: its metadata{where} is not an mbbackbones record (a JSON object with 'task'):"

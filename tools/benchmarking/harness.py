@@ -37,6 +37,9 @@ COUNTERPARTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "mbv2_050": ("torchvision mobilenet_v2(0.5)", lambda: torchvision.models.mobilenet_v2(width_mult=0.5)),
     "mbv2_035": ("torchvision mobilenet_v2(0.35)", lambda: torchvision.models.mobilenet_v2(width_mult=0.35)),
     "mbv1_100": ("timm mobilenetv1_100", lambda: timm.create_model("mobilenetv1_100")),
+    **{f"mbv4_{variant}": (f"timm mobilenetv4_{variant}", lambda variant=variant: timm.create_model(
+        f"mobilenetv4_{variant}")) for variant in ("conv_small", "conv_medium", "conv_large", "hybrid_medium",
+                                                    "hybrid_large")},
 }
 # features_only rows: our model kwargs -> torchvision's equivalent feature extractor
 FEATURE_ROWS = {
