@@ -44,7 +44,7 @@ def _timm_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     import timm
 
     model, options = name[len(TIMM_PREFIX):], {k: v for k, v in kwargs.items() if k not in OURS_ONLY}
-    if model not in timm.list_models():
+    if not timm.is_model(model):
         raise ArgumentError(f"{name}: timm has no model {model!r}.{did_you_mean(model, timm.list_models())}")
     try:
         return timm.create_model(model, pretrained=pretrained, features_only=True, **options)

@@ -16,7 +16,6 @@ from . import registry
 from .devices import resolve_device
 
 RUN_CHECKPOINTS = ("best.pt", "last.pt")  # a run folder's weights, in order of preference
-EXPORTED_SUFFIXES = (".onnx", ".xml", ".pte", ".tflite")  # heads.deploy.export.FORMATS' suffixes, any case
 
 
 @dataclass
@@ -49,7 +48,10 @@ class Loaded:
 
 
 def is_exported(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in EXPORTED_SUFFIXES
+    """Whether ``path`` names an exported file (a suffix of :data:`heads.deploy.export.FORMATS`, in any case)."""
+    from .deploy.export import FORMATS
+
+    return Path(path).suffix.lower() in FORMATS.values()
 
 
 def run_checkpoint(folder: Path) -> Path:

@@ -62,6 +62,11 @@ class TaskModel(nn.Module):
         """Post-processing settings, as ``meta["postprocess"]`` records them (none by default)."""
         return {}
 
+    def metadata(self) -> dict:
+        """What the model's metadata (``heads.registry.describe``) says of it: default class names, the input size
+        (None: any) and its post-processing settings."""
+        raise NotImplementedError
+
     def export_size(self, size: int | Sequence[int] | None = None) -> tuple[int, int]:
         """``size`` (S or (H, W)) as the (height, width) an export is traced at; None: the model's default."""
         raise NotImplementedError
