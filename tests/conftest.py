@@ -12,6 +12,9 @@ import torch  # noqa: E402
 
 from heads.detection.ssdlite import detection_agreement  # noqa: E402
 
+RUNTIME_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch",
+                    "tflite": "ai_edge_litert"}  # export format -> the package its tests import
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REAL, randomize_batchnorm
+from conftest import REAL, RUNTIME_PACKAGES, randomize_batchnorm
 
 import heads
 from heads.data import read_image
@@ -77,14 +77,25 @@ def test_segmenter_learns_a_real_frame(name, kwargs):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("name, kwargs", DETECTORS + SEGMENTERS, ids=ids(DETECTORS + SEGMENTERS))
-def test_exports_pass_the_export_check(name, kwargs, tmp_path):
-    pytest.importorskip("onnxruntime")
+FORMATS = list(export.FORMATS)
+EXPORTS = [(name, {}, format, False) for name in ("ssdlite320_mbv4_conv_small", "lraspp_mbv4_conv_small")
+           for format in FORMATS]
+EXPORTS += [(name, {}, format, True) for name in ("ssdlite320_mbv4_conv_small", "lraspp_mbv4_conv_small")
+            for format in ("onnx", "openvino")]  # INT8 ExecuTorch / LiteRT pass too, ~100 s each: left out here
+EXPORTS += [(name, kwargs, "onnx", False) for name, kwargs in (DETECTORS + SEGMENTERS)[1::2]]
+
+
+@pytest.mark.parametrize("name, kwargs, format, int8", EXPORTS,
+                         ids=[f"{kwargs.get('backbone', name)}-{format}{'-int8' * int8}"
+                              for name, kwargs, format, int8 in EXPORTS])
+def test_exports_pass_the_export_check(name, kwargs, format, int8, tmp_path):
+    pytest.importorskip(RUNTIME_PACKAGES[format])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = randomize_batchnorm(heads.create_model(name, **kwargs))
     size = model.export_size(None if not model.dynamic_size() else (128, 256))
-    path = runtimes.export(model, tmp_path / "model.onnx", size=size)
-    images = np.concatenate([export.model_input(model, read_image(p), size) for p in heads.SAMPLE_IMAGES.values()])
-    checks = runtimes.check(model, runtimes.load(path), torch.from_numpy(images))
+    images = [export.model_input(model, read_image(p), size) for p in heads.SAMPLE_IMAGES.values()]
+    path = runtimes.export(model, tmp_path / f"model{export.FORMATS[format]}", size=size, int8=int8,
+                           calibration=images if int8 else None)
+    checks = runtimes.check(model, runtimes.load(path), torch.from_numpy(np.concatenate(images)))
     assert all(check.passed for check in checks), "; ".join(map(str, checks))

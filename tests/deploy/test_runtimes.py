@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from benchmarking.workloads import calibrated_torchvision_detector
-from conftest import REAL, randomize_batchnorm
+from conftest import REAL, RUNTIME_PACKAGES, randomize_batchnorm
 from torch import nn
 
 import mbbackbones
@@ -22,7 +22,6 @@ from heads.segmentation.lraspp import LRASPP
 
 DETECTOR, SEGMENTER, BACKBONE = "ssdlite320_mbv3_small_reduced", "lraspp_mbv3_small_reduced", "mbv3_small_reduced"
 SIZES = {DETECTOR: None, SEGMENTER: (64, 128)}  # small: ExecuTorch and LiteRT graphs are fixed at the export size
-PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch", "tflite": "ai_edge_litert"}
 # ExecuTorch and LiteRT convert SSDLite in 25-45 s per precision on one core: their INT8 detector is a slow test
 FORMATS = ["onnx", "openvino", "executorch", "tflite"]
 SLOW_INT8 = {("executorch", DETECTOR), ("tflite", DETECTOR)}
@@ -86,7 +85,7 @@ def exported(models, tmp_path_factory):
     folder, files = tmp_path_factory.mktemp("exports"), {}
 
     def get(format: str, name: str, int8: bool = False):
-        pytest.importorskip(PACKAGES[format])
+        pytest.importorskip(RUNTIME_PACKAGES[format])
         if (format, name, int8) not in files:
             model = models[name]
             path = folder / f"{name}{'.int8' if int8 else ''}{runtimes.FORMATS[format]}"
@@ -174,7 +173,7 @@ def test_a_trained_like_detector_passes_the_export_check(format, trained_like, t
     after the decoding's exponential is ~1e-2 px at 320, so the box tolerance is relative to the input size. (INT8:
     this random head's foreground scores are near-ties that int8 reorders, 0.6 of the top 10 kept; INT8 files are
     checked on the spread detector above and by AP on the built-in set.)"""
-    pytest.importorskip(PACKAGES[format])
+    pytest.importorskip(RUNTIME_PACKAGES[format])
     model, images = trained_like
     path = runtimes.export(model, tmp_path / f"d{runtimes.FORMATS[format]}")
     checks = runtimes.check(model, runtimes.load(path, threads=1), torch.from_numpy(np.concatenate(images[:2])))
