@@ -105,32 +105,38 @@ MODELS = (
           (Reference("MobileNetV1 paper, Table 8 (0.5)", 63.7, 1.3e6, 149),
            Reference("timm builder, width 0.5", None, 1_331_592, 149.5))),
     # MobileNetV4: timm's published weights, its tags in its order (the first is timm's default too); the metric of
-    # those is not stored here. The counts are at 224 for all, although timm's default input is larger for some.
+    # those is not stored here. The counts are at 224 for all, although timm's default input is larger for some;
+    # the paper's MACs are at its own resolution for each model (1.0G for Conv-M is at 256 px).
     Entry("mbv4_conv_small", "v4_conv_small", 1.0, False, 3_774_024, 186.0, {
         "e2400_r224_in1k": _timm_v4("conv_small.e2400_r224_in1k", test=(256, 0.95)),
         "e1200_r224_in1k": _timm_v4("conv_small.e1200_r224_in1k", test=(256, 0.95)),
         "e3600_r256_in1k": _timm_v4("conv_small.e3600_r256_in1k", 256, 0.95, (320, 1.0), mean=IMAGENET_INCEPTION_MEAN,
                                     std=IMAGENET_INCEPTION_STD),
-    }, (Reference("timm mobilenetv4_conv_small", None, 3_774_024, 186.0),)),
+    }, (Reference("MobileNetV4 paper, ImageNet-1k at 224 px", 73.8, 3.8e6, 200),
+        Reference("timm mobilenetv4_conv_small", None, 3_774_024, 186.0))),
     Entry("mbv4_conv_medium", "v4_conv_medium", 1.0, False, 9_715_512, 827.6, {
         "e500_r256_in1k": _timm_v4("conv_medium.e500_r256_in1k", 256, 0.95, (320, 1.0)),
         "e500_r224_in1k": _timm_v4("conv_medium.e500_r224_in1k", 224, 0.95, (256, 1.0)),
         "e250_r384_in12k_ft_in1k": _timm_v4("conv_medium.e250_r384_in12k_ft_in1k", 384, 0.95),
-    }, (Reference("timm mobilenetv4_conv_medium", None, 9_715_512, 827.6),)),
+    }, (Reference("MobileNetV4 paper, ImageNet-1k at 256 px", 79.9, 9.2e6, 1000),
+        Reference("timm mobilenetv4_conv_medium", None, 9_715_512, 827.6))),
     Entry("mbv4_conv_large", "v4_conv_large", 1.0, False, 32_590_864, 2171.3, {
         "e600_r384_in1k": _timm_v4("conv_large.e600_r384_in1k", 384, 0.95, (448, 1.0)),
         "e500_r256_in1k": _timm_v4("conv_large.e500_r256_in1k", 256, 0.95, (320, 1.0)),
-    }, (Reference("timm mobilenetv4_conv_large", None, 32_590_864, 2171.3),)),
+    }, (Reference("MobileNetV4 paper, ImageNet-1k at 384 px", 82.9, 31e6, 5900),
+        Reference("timm mobilenetv4_conv_large", None, 32_590_864, 2171.3))),
     Entry("mbv4_hybrid_medium", "v4_hybrid_medium", 1.0, False, 11_074_648, 941.7, {
         "e200_r256_in12k_ft_in1k": _timm_v4("hybrid_medium.e200_r256_in12k_ft_in1k", 256, 0.95, (320, 1.0)),
         "ix_e550_r256_in1k": _timm_v4("hybrid_medium.ix_e550_r256_in1k", 256, 0.95, (320, 1.0)),
         "ix_e550_r384_in1k": _timm_v4("hybrid_medium.ix_e550_r384_in1k", 384, 0.95, (448, 1.0)),
         "e500_r224_in1k": _timm_v4("hybrid_medium.e500_r224_in1k", 224, 0.95, (256, 1.0)),
-    }, (Reference("timm mobilenetv4_hybrid_medium", None, 11_074_648, 941.7),)),
+    }, (Reference("MobileNetV4 paper, ImageNet-1k at 256 px", 80.7, 10.5e6, 1200),
+        Reference("timm mobilenetv4_hybrid_medium", None, 11_074_648, 941.7))),
     Entry("mbv4_hybrid_large", "v4_hybrid_large", 1.0, False, 37_764_624, 2510.2, {
         "ix_e600_r384_in1k": _timm_v4("hybrid_large.ix_e600_r384_in1k", 384, 0.95, (448, 1.0)),
         "e600_r384_in1k": _timm_v4("hybrid_large.e600_r384_in1k", 384, 0.95, (448, 1.0)),
-    }, (Reference("timm mobilenetv4_hybrid_large", None, 37_764_624, 2510.2),)),
+    }, (Reference("MobileNetV4 paper, ImageNet-1k at 384 px", 83.4, 35.9e6, 7200),
+        Reference("timm mobilenetv4_hybrid_large", None, 37_764_624, 2510.2))),
 )
 ENTRIES = {entry.name: entry for entry in MODELS}
 

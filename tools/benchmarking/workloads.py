@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
@@ -29,9 +28,11 @@ from heads.deploy.export import normalizer
 from heads.registry import ENTRIES, create_model
 from heads.training.engine import recalibrate_bn
 from heads.training.tasks import DetectionTask, SegmentationTask
+from mbbackbones.checkpoint import convert
 from mbbackbones.profile import count_madds, count_params
 
 from .harness import (
+    COUNTERPARTS,
     Contender,
     Workload,
     backbone_workloads,
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 TASKS = ("classify", "features", "detect", "segment", "train", "deploy")
 DETECTOR, SEGMENTER = "ssdlite320_mbv3_large_reduced", "lraspp_mbv3_large"
+# MobileNetV4 rows beside them: random weights calibrated like the V3 ones (no torchvision counterpart to load)
+V4_DETECTOR, V4_SEGMENTER = "ssdlite320_mbv4_conv_small", "lraspp_mbv4_conv_small"
 TORCHVISION_DETECTOR = "torchvision ssdlite320_mobilenet_v3_large"
 TORCHVISION_SEGMENTER = "torchvision lraspp_mobilenet_v3_large ['out']"
 # heads.Predictor on PyTorch, photo in, result out, against torchvision eager (issue 13)
@@ -67,6 +70,7 @@ class Settings(NamedTuple):
     segment_shapes: tuple[tuple[tuple[int, int], tuple[int, ...]], ...]  # ((height, width), batches)
     train_detect_batch: int  # at 320x320
     train_segment: tuple[tuple[int, int], int]  # (height, width), batch
+    deploy_classifiers: tuple[str, ...]  # exported and timed against their COUNTERPARTS reference
     deploy_segment: tuple[tuple[int, int], ...]  # (height, width) of each LR-ASPP row
     deploy_formats: tuple[str, ...]  # runtimes timed (those installed)
     repeats: int
@@ -75,9 +79,10 @@ class Settings(NamedTuple):
 
 
 FULL = Settings(None, 224, (1, 8), (480, 640), (9.0, 0.0), (((1024, 2048), (1,)), ((512, 1024), (1, 4))), 32,
-                ((256, 512), 32), ((1024, 2048), (512, 1024)), FORMATS_TIMED, 20, 5, 30.0)
+                ((256, 512), 32), ("mbv3_large", "mbv4_conv_small", "mbv4_conv_medium"), ((1024, 2048), (512, 1024)),
+                FORMATS_TIMED, 20, 5, 30.0)
 QUICK = Settings(("mbv3_large_reduced", "mbv3_small"), 96, (1,), (240, 320), (9.0,), (((128, 256), (1,)),), 2,
-                 ((128, 256), 1), ((128, 256),), ("onnx", "openvino"), 3, 1, 1.0)
+                 ((128, 256), 1), ("mbv3_large", "mbv4_conv_small"), ((128, 256),), ("onnx", "openvino"), 3, 1, 1.0)
 
 
 class Logits(nn.Module):
@@ -115,11 +120,37 @@ def calibrated_torchvision_detector(images: list[Tensor], background_logit: floa
         torch.manual_seed(0)
         model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     recalibrate_bn(model, [images], _TorchvisionDetection, "cpu", batches=1)
+    return _confident(model, background_logit)
+
+
+def seeded_model(name: str, **kwargs) -> nn.Module:
+    """Our registered task model ``name`` with the random weights of seed 0 (the same in every workload)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return create_model(name, **kwargs).eval()
+
+
+def calibrated_detector(name: str, images: list[Tensor], background_logit: float = 0.0) -> nn.Module:
+    """Our registered detector ``name`` calibrated as :func:`calibrated_torchvision_detector` does it."""
+    model = seeded_model(name)
+    recalibrate_bn(model, [(images, None)], DetectionTask, "cpu", batches=1)
+    return _confident(model, background_logit).eval()
+
+
+def _confident(model: nn.Module, background_logit: float) -> nn.Module:
+    """``model`` (an SSDLite, ours or torchvision's) with ``background_logit`` added to each anchor's background."""
     scores = model.head.classification_head
     with torch.no_grad():
         for block in scores.module_list:
             block[-1].bias[0::scores.num_columns] += background_logit  # channels are anchor-major
     return model
+
+
+def candidates(model: nn.Module, image: Tensor) -> int:
+    """How many (anchor, class) pairs of our detector pass its score threshold on ``image`` ([0, 1], any size)."""
+    with torch.inference_mode():
+        scores = model.forward_batch(model.resize(image)[None])[1][0, :, 1:]
+    return int((scores > model.score_thresh).sum())
 
 
 def from_torchvision(name: str, reference: nn.Module, **kwargs) -> nn.Module:
@@ -153,10 +184,7 @@ def calibrated_pair(images: Sequence[np.ndarray], size=(480, 640),
     inputs = as_inputs(images, size)
     reference = calibrated_torchvision_detector(inputs, background_logit).eval()
     ours = from_torchvision(DETECTOR, reference)
-    with torch.inference_mode():
-        scores = ours.forward_batch(ours.resize(inputs[0])[None])[1][0, :, 1:]
-    label = f"{size[1]}x{size[0]} photo -> 320, {int((scores > ours.score_thresh).sum()):,} candidates"
-    return reference, ours, label
+    return reference, ours, f"{size[1]}x{size[0]} photo -> 320, {candidates(ours, inputs[0]):,} candidates"
 
 
 def _detect(reference: nn.Module, photos: Sequence[np.ndarray]):
@@ -207,15 +235,17 @@ def detection_workloads(images: Sequence[np.ndarray], batches=(1, 8), size=(480,
     one set of rows per score regime (see :func:`calibrated_torchvision_detector`)."""
     for background_logit in background_logits:
         reference, ours, label = calibrated_pair(images, size, background_logit)
+        v4 = calibrated_detector(V4_DETECTOR, as_inputs(images, size), background_logit)
         photos = [photo_at(image, size) for image in images]
-        madds_m = _madds_m(ours)
         for batch in batches:
             chosen = [photos[i % len(photos)] for i in range(batch)]
-            model = Contender(DETECTOR, partial(_detect, ours, chosen), count_params(ours), madds_m, "model")
+            rows = []
+            for name, model, target in ((DETECTOR, ours, PREDICT_TARGETS["detect"]), (V4_DETECTOR, v4, None)):
+                madds_m = _madds_m(model)
+                rows += [Contender(name, partial(_detect, model, chosen), count_params(model), madds_m, "model"),
+                         *predictor_contenders(name, model, chosen, madds_m, extra, target)]
             yield Workload("detect", label, batch, TORCHVISION_DETECTOR, partial(_detect, reference, chosen),
-                           (model, *predictor_contenders(DETECTOR, ours, chosen, madds_m, extra,
-                                                         PREDICT_TARGETS["detect"])),
-                           published(ENTRIES, DETECTOR), warmup=warmup)
+                           tuple(rows), published(ENTRIES, DETECTOR), warmup=warmup)
 
 
 def segmentation_workloads(images: Sequence[np.ndarray], shapes=(((512, 1024), (1,)),), extra: Sequence[str] = (),
@@ -224,17 +254,20 @@ def segmentation_workloads(images: Sequence[np.ndarray], shapes=(((512, 1024), (
     shape. Ours: the model's API on the same tensors as torchvision's, and ``heads.Predictor`` on the photos."""
     torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
     ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
+    v4 = seeded_model(V4_SEGMENTER, num_classes=19)
     reference = Logits(torchvision, ours.normalize).eval()
     for (height, width), batches in shapes:
         for batch in batches:
             photos = [photo_at(images[i % len(images)], (height, width)) for i in range(batch)]
-            target = PREDICT_TARGETS["segment"] if (height, width) == (1024, 2048) else None
-            madds_m = _madds_m(ours) * height * width / np.prod(SEGMENT_MADDS_SIZE)
-            model = Contender(SEGMENTER, partial(_segment, ours, ours.normalize, photos), count_params(ours), madds_m,
-                              "model")
+            rows = []
+            for name, model, target in ((SEGMENTER, ours, PREDICT_TARGETS["segment"]), (V4_SEGMENTER, v4, None)):
+                target = target if (height, width) == (1024, 2048) else None
+                madds_m = _madds_m(model) * height * width / np.prod(SEGMENT_MADDS_SIZE)
+                rows += [Contender(name, partial(_segment, model, model.normalize, photos), count_params(model),
+                                   madds_m, "model"),
+                         *predictor_contenders(name, model, photos, madds_m, extra, target)]
             yield Workload("segment", f"{width}x{height} photo", batch, TORCHVISION_SEGMENTER,
-                           partial(_segment, reference, ours.normalize, photos),
-                           (model, *predictor_contenders(SEGMENTER, ours, photos, madds_m, extra, target)),
+                           partial(_segment, reference, ours.normalize, photos), tuple(rows),
                            published(ENTRIES, SEGMENTER), warmup=warmup)
 
 
@@ -319,7 +352,7 @@ def installed_formats(formats: Sequence[str]) -> list[str]:
 
 def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224, detect_size=(480, 640),
                          background_logits=(0.0,), segment_sizes=((512, 1024),), formats=FORMATS_TIMED,
-                         warmup: int = 5) -> Iterator[Workload]:
+                         classifiers=("mbv3_large",), warmup: int = 5) -> Iterator[Workload]:
     """Ours exported to each deployment runtime (fp32, and INT8 calibrated on ``images``) against torchvision eager,
     batch 1: classification (the runtime alone), and photos in, results out through ``heads.Predictor`` on the
     exported file for SSDLite (per score regime) and LR-ASPP, as in :func:`detection_workloads`."""
@@ -331,38 +364,48 @@ def deployment_workloads(images: Sequence[np.ndarray], classify_size: int = 224,
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        name, ours, image = "mbv3_large", timm.create_model("mbv3_large").eval(), torch.rand(1, 3, *[classify_size] * 2)
-        calibration = [model_input(ours, photo, classify_size) for photo in images]
-        madds_m = round(count_madds(ours, image) / 1e6, 1)
-        contenders = tuple(runtime_contenders(
-            name, ours, folder, classify_size, calibration,
-            lambda path: partial(first_output, runtimes.load(path, threads=threads), image), madds_m, formats))
-        yield Workload("deploy", f"{classify_size}x{classify_size}", 1, "torchvision mobilenet_v3_large",
-                       partial(mobilenet_v3_large().eval(), normalizer(ours)(image)), contenders,
-                       published(mbbackbones.ENTRIES, name), warmup=warmup)
+        image = torch.rand(1, 3, classify_size, classify_size)
+        for name in classifiers:  # ours with the reference's weights
+            reference_name, build = COUNTERPARTS[name]
+            reference, ours = build().eval(), timm.create_model(name).eval()
+            ours.load_state_dict(convert(reference.state_dict(), ours))
+            calibration = [model_input(ours, photo, classify_size) for photo in images]
+            madds_m = round(count_madds(ours, image) / 1e6, 1)
+            contenders = tuple(runtime_contenders(
+                name, ours, folder, classify_size, calibration,
+                lambda path: partial(first_output, runtimes.load(path, threads=threads), image), madds_m, formats))
+            yield Workload("deploy", f"{classify_size}x{classify_size}", 1, reference_name,
+                           partial(reference, normalizer(ours)(image)), contenders,
+                           published(mbbackbones.ENTRIES, name), warmup=warmup)
 
         def predicting(photos):
             return lambda path: partial(Predictor(path, threads=threads), photos, progress=False)
 
         for background_logit in background_logits:
             reference, ours, label = calibrated_pair(images, detect_size, background_logit)
+            v4 = calibrated_detector(V4_DETECTOR, as_inputs(images, detect_size), background_logit)
             photos = [photo_at(images[0], detect_size)]
-            calibration = [model_input(ours, photo) for photo in images]
-            contenders = tuple(runtime_contenders(DETECTOR, ours, folder, None, calibration, predicting(photos),
-                                                  _madds_m(ours), formats, DEPLOY_TARGETS["detect"]))
+            contenders = tuple(contender for name, model, targets in (
+                (DETECTOR, ours, DEPLOY_TARGETS["detect"]), (V4_DETECTOR, v4, None))
+                for contender in runtime_contenders(name, model, folder, None,
+                                                    [model_input(model, photo) for photo in images],
+                                                    predicting(photos), _madds_m(model), formats, targets))
             yield Workload("deploy", label, 1, TORCHVISION_DETECTOR, partial(_detect, reference, photos), contenders,
                            published(ENTRIES, DETECTOR), warmup=warmup)
 
         torchvision = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=19)
         ours = from_torchvision(SEGMENTER, torchvision, num_classes=19)
+        v4 = seeded_model(V4_SEGMENTER, num_classes=19)
         reference = Logits(torchvision, ours.normalize).eval()
         for size in segment_sizes:
             photos = [photo_at(images[0], size)]
-            calibration = [model_input(ours, photo, size) for photo in images]
             targets = DEPLOY_TARGETS["segment"] if tuple(size) == (1024, 2048) else None
-            madds_m = _madds_m(ours) * size[0] * size[1] / np.prod(SEGMENT_MADDS_SIZE)
-            contenders = tuple(runtime_contenders(SEGMENTER, ours, folder, size, calibration, predicting(photos),
-                                                  madds_m, formats, targets))
+            scale = size[0] * size[1] / np.prod(SEGMENT_MADDS_SIZE)
+            contenders = tuple(contender for name, model, goals in ((SEGMENTER, ours, targets),
+                                                                    (V4_SEGMENTER, v4, None))
+                               for contender in runtime_contenders(
+                                   name, model, folder, size, [model_input(model, photo, size) for photo in images],
+                                   predicting(photos), _madds_m(model) * scale, formats, goals))
             yield Workload("deploy", f"{size[1]}x{size[0]} photo", 1, TORCHVISION_SEGMENTER,
                            partial(_segment, reference, ours.normalize, photos), contenders,
                            published(ENTRIES, SEGMENTER), warmup=warmup)
@@ -422,7 +465,7 @@ def workloads(tasks: Sequence[str], settings: Settings, images: Sequence[np.ndar
     if "deploy" in tasks:
         yield from deployment_workloads(images, settings.classify_size, settings.detect_size,
                                         settings.background_logits, settings.deploy_segment, settings.deploy_formats,
-                                        settings.warmup)
+                                        settings.deploy_classifiers, settings.warmup)
 
 
 def targets_table(result: dict) -> str:
