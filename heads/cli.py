@@ -262,28 +262,41 @@ def _eval_seg(args):
 # -- inference --------------------------------------------------------------------------------------------------
 
 def infer_main(argv: list[str] | None = None) -> list:
-    """``tools/infer.py``: predict on images, write a picture per image and the results; returns the results."""
+    """``tools/infer.py``: predict on images, videos or a camera; write a picture per image (an annotated video per
+    video) and the results; returns the results of the still images (a video's frames are written, not kept)."""
     parser = Parser(
-        description="Predict with a detector or segmenter on images, folders or globs: a picture per image, plus "
-                    "detections.json (COCO results) or label-id PNGs, in --out.")
+        description="Predict with a detector or segmenter on images, folders, globs, videos or a camera: a picture "
+                    "per image plus detections.json (COCO results) or label-id PNGs, and per video an annotated video "
+                    "plus, for a detector, <name>_detections.json (per frame), in --out. Ctrl-C stops a camera.")
     parser.add_argument("--weights", required=True,
                         help="a registered name (its published weights), a training run folder (its best.pt), a "
                              "weights file, or an exported file (.onnx, .xml, .pte, .tflite: the runtime follows)")
     parser.add_argument("--model", help="the registered model of a plain state dict")
-    parser.add_argument("inputs", nargs="+", help="images, folders of images or globs (quote them)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures and result files")
+    parser.add_argument("inputs", nargs="+", type=_input,
+                        help="images, videos, folders of them, globs (quote them), or a camera index (0: the first)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, videos and result files")
     parser.add_argument("--task", choices=("detection", "segmentation"), help="checked against the model's")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (exported files: the CPU)")
     parser.add_argument("--score-thresh", type=float, help="detection: keep (and draw) boxes scoring this or more "
                                                            "(default: the model's, drawing those over 0.3)")
     parser.add_argument("--nms-thresh", type=float, help="detection: NMS IoU threshold (default: the model's)")
     parser.add_argument("--max-det", type=positive, help="detection: detections per image (default: the model's)")
-    parser.add_argument("--batch-size", type=positive, default=8, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive, default=8, help="images (or frames) per forward pass")
+    parser.add_argument("--fps", type=float, help="the annotated videos' frame rate (default: the one each video or "
+                                                  "camera reports)")
     parser.add_argument("--threads", type=positive, help="exported files: the runtime's threads")
     return _run(parser, argv, _infer)
 
 
+def _input(text: str) -> str | int:
+    """An input of ``tools/infer.py``: a camera index (digits naming no file), else a path or glob."""
+    return int(text) if text.isdigit() and not Path(text).exists() else text
+
+
 def _infer(args) -> list:
+    import contextlib
+
+    import numpy as np
     from tqdm import tqdm
 
     from .deploy.predictor import Predictor
@@ -294,14 +307,31 @@ def _infer(args) -> list:
                           batch_size=args.batch_size, **({"threads": args.threads} if args.threads else {}))
     if args.task and args.task != predictor.task:
         raise ArgumentError(f"--task {args.task} but {args.weights} is a {predictor.task} model")
-    results = []
-    for result in predictor.stream(args.inputs if len(args.inputs) > 1 else args.inputs[0], out=args.out):
-        tqdm.write(f"{result.name}: {result.timings}")
-        results.append(result)
-    print(f"mean over {len(results)} images (after a warm-up): {Timings.mean(r.timings for r in results)}")
-    files = predictor.model_cls.result_type.outputs
-    print(f"wrote {len(results)} pictures (<name>.png) and {files} to {args.out}")
-    return results
+    images, frames, total, stopped = [], 0, np.zeros(len(Timings._fields)), False
+    results = predictor.stream(args.inputs, out=args.out, fps=args.fps)
+    try:
+        with contextlib.closing(results):  # stopped, a video's outputs are complete for the frames done
+            for result in results:
+                if result.frame is None:
+                    tqdm.write(f"{result.name}: {result.timings}")
+                    images.append(result)
+                else:
+                    frames += 1
+                total += result.timings
+    except KeyboardInterrupt:
+        stopped = True
+    what = " and ".join(f"{n} {word}" for n, word in ((len(images), "images"), (frames, "frames")) if n) or "0 images"
+    if stopped:
+        print(f"stopped after {what}")
+    mean = Timings(*(total / max(len(images) + frames, 1)).tolist())
+    print(f"mean over {what} (after a warm-up): {mean}")
+    result_type = predictor.model_cls.result_type
+    if images:
+        print(f"wrote {len(images)} pictures (<name>.png) and {result_type.outputs} to {args.out}")
+    if frames:
+        records = f" and <name>_{result_type.records_file} (per frame)" if result_type.records_file else ""
+        print(f"wrote annotated videos (<name>.mp4; .avi for .avi sources){records} to {args.out}")
+    return images
 
 
 # -- export -----------------------------------------------------------------------------------------------------

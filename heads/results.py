@@ -3,7 +3,6 @@ its picture and result files (``write``) and says which records go into a run's 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -33,14 +32,11 @@ class Timings(NamedTuple):
         return (f"pre-process {self.preprocess_ms:.1f} ms, model {self.model_ms:.1f} ms, "
                 f"post-process {self.postprocess_ms:.1f} ms, total {self.total_ms:.1f} ms")
 
-    @classmethod
-    def mean(cls, timings: Iterable[Timings]) -> Timings:
-        return cls(*np.mean(list(timings), axis=0).tolist())
-
 
 @dataclass
 class Result:
-    """One image's prediction: the image (RGB uint8), where it came from, and the model's class names."""
+    """One image's prediction: the image (RGB uint8), where it came from, and the model's class names; for a video's
+    frame, its index and time in seconds since the first frame (None where the frames have no clock)."""
 
     records_file: ClassVar[str | None] = None  # the file of a folder run that gathers every image's records()
     outputs: ClassVar[str] = ""  # what a folder run writes beside the pictures, in words
@@ -50,6 +46,8 @@ class Result:
     categories: list[str]
     timings: Timings | None
     dataset_ids: list | None = None
+    frame: int | None = None
+    timestamp: float | None = None
 
     @property
     def name(self) -> str:
@@ -108,12 +106,13 @@ class Detections(Result):
                                           threshold))
 
     def to_json(self, image_id: int | str | None = None) -> list[dict]:
-        """The detections in COCO's results format. ``image_id`` defaults to the file's name, as a number where it
-        is one (COCO's ``000000039769.jpg`` is image 39769); categories are the dataset's ids of the labels."""
+        """The detections in COCO's results format. ``image_id`` defaults to a video frame's index, else to the file's
+        name, as a number where it is one (COCO's ``000000039769.jpg`` is image 39769); categories are the dataset's
+        ids of the labels."""
         from .detection.evaluate import to_coco_results
 
         if image_id is None:
-            image_id = int(self.name) if self.name.isdigit() else self.name
+            image_id = self.frame if self.frame is not None else int(self.name) if self.name.isdigit() else self.name
         ids = self.dataset_ids or list(range(len(self.categories)))
         label_to_category = {label: int(cat) for label, cat in enumerate(ids) if cat is not None and label > 0}
         detections = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}

@@ -21,6 +21,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: small CPU runs go fastest so (and do not oversubscribe shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _default_sigchld():
     """Each test starts with the default SIGCHLD disposition. A DataLoader with workers leaves torch's SIGCHLD handler

@@ -1,5 +1,5 @@
-"""One-call prediction: ``heads.Predictor(model)(source)`` gives one result per image, on PyTorch or on an exported
-file's runtime, with the same pre- and post-processing either way.
+"""One-call prediction: ``heads.Predictor(model)(source)`` gives one result per image (or video frame), on PyTorch
+or on an exported file's runtime, with the same pre- and post-processing either way.
 
 The steps of one image: **pre-process** (the uint8 photo resized once to the size the model's class says for its
 metadata, :meth:`~heads.task_model.TaskModel.input_size`), **model** (the fused network's ``forward_batch``, or the
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +31,7 @@ from ..data import DataError, read_image
 from ..files import atomic_write
 from ..loading import load
 from ..results import Result, Timings
+from .video import STOPPED, VIDEO_SUFFIXES, Video, VideoOutput, frame_stream, open_camera, open_video
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -35,27 +39,40 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # -- sources -------------------------------------------------------------------------------------------------------
 
 class Item(NamedTuple):
-    """One image to predict on: RGB uint8 H x W x 3, and its file when it has one."""
+    """One image to predict on: RGB uint8 H x W x 3, its file when it has one, and for a video's frame its index and
+    time (seconds since the first frame; None where the frames have no clock)."""
 
     image: np.ndarray
     path: Path | None
+    frame: int | None = None
+    timestamp: float | None = None
 
 
-def list_images(source: str | os.PathLike) -> list[Path]:
-    """The image files a path names: itself, the images in a folder (sorted), or a glob's matches."""
+class Source(NamedTuple):
+    """Images read one at a time and how many there are (None: not known ahead); for a video's frames, the video."""
+
+    items: Iterator[Item]
+    count: int | None
+    video: Video | None = None
+
+
+def list_images(source: str | os.PathLike, videos: bool = False) -> list[Path]:
+    """The image files (and with ``videos``, video files) a path names: itself, those in a folder (sorted), or a
+    glob's matches."""
+    suffixes = IMAGE_SUFFIXES + (VIDEO_SUFFIXES if videos else ())
+    kind = "images or videos" if videos else "images"
     path = Path(source)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
         if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+            raise DataError(f"no {kind} ({', '.join(suffixes)}) in {path}")
         return files
     if glob.has_magic(str(source)):
-        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True)
-                       if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).suffix.lower() in suffixes)
         if not files:
-            raise DataError(f"no images match {source}")
+            raise DataError(f"no {kind} match {source}")
         return files
     raise FileNotFoundError(f"input not found: {source}")
 
@@ -80,17 +97,40 @@ def _as_image(value) -> np.ndarray:
     return image
 
 
-def iter_sources(source) -> tuple[Iterator[Item], int]:
-    """The images a source holds, read one at a time, and how many there are."""
-    if isinstance(source, (str, os.PathLike)):
-        paths = list_images(source)
-        return (Item(read_image(path), path) for path in paths), len(paths)
+def _is_camera(source) -> bool:
+    return isinstance(source, int) and not isinstance(source, bool)
+
+
+def _is_video(entry: Path | int) -> bool:
+    return _is_camera(entry) or entry.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _frames(video: Video) -> Source:
+    return Source((Item(frame.image, video.path, frame.index, frame.time) for frame in video), video.count, video)
+
+
+def open_sources(source, fps: float | None = None) -> list[Source]:
+    """What ``source`` holds, opened: a run of still images (files, folders, globs: one source, batched together; a
+    list or tuple of images), and each video file, camera index or other iterable of frames as a source of its own.
+    ``fps``: the frame rate of an iterable of frames (its time stamps)."""
+    if _is_camera(source) or isinstance(source, (str, os.PathLike)):
+        source = [source]
+    if isinstance(source, (list, tuple)) and all(_is_camera(s) or isinstance(s, (str, os.PathLike)) for s in source):
+        entries = [entry for name in source
+                   for entry in ([name] if _is_camera(name) else list_images(name, videos=True))]
+        sources = []
+        for is_video, group in itertools.groupby(entries, key=_is_video):
+            if is_video:
+                sources += [_frames(open_camera(e) if _is_camera(e) else open_video(e)) for e in group]
+            else:
+                paths = list(group)
+                sources.append(Source((Item(read_image(path), path) for path in paths), len(paths)))
+        return sources
     if isinstance(source, (list, tuple)):
-        if all(isinstance(s, (str, os.PathLike)) for s in source):
-            paths = [path for s in source for path in list_images(s)]
-            return (Item(read_image(path), path) for path in paths), len(paths)
-        return (Item(_as_image(s), None) for s in source), len(source)
-    return iter([Item(_as_image(source), None)]), 1
+        return [Source((Item(_as_image(s), None) for s in source), len(source))]
+    if isinstance(source, Iterable) and not isinstance(source, (np.ndarray, Tensor, bytes, dict)):
+        return [_frames(frame_stream(source, fps, _as_image))]
+    return [Source(iter([Item(_as_image(source), None)]), 1)]
 
 
 # -- networks ------------------------------------------------------------------------------------------------------
@@ -159,8 +199,11 @@ class Predictor:
         threads, runtime_options: the runtime's thread count and options, for exported files.
 
     ``predictor(source)`` takes an image path, a folder, a glob, a list of these, a PIL image, an RGB uint8 array
-    or a 3 x H x W tensor (uint8, or float in [0, 1]), and returns one :class:`~heads.results.Result` per image
-    (:class:`~heads.results.Detections` or :class:`~heads.results.Segmentation`).
+    or a 3 x H x W tensor (uint8, or float in [0, 1]), a list or tuple of those images, a video file (``.mp4``,
+    ``.avi``, ``.mov``, ``.mkv``...: what OpenCV reads), a camera index (``0``: the first), or any other iterable of
+    images (a generator: a stream of frames), and returns one :class:`~heads.results.Result` per image or frame
+    (:class:`~heads.results.Detections` or :class:`~heads.results.Segmentation`; a frame's has its ``frame`` index
+    and ``timestamp``). :meth:`stream` yields them one at a time instead: use it for long videos and cameras.
     """
 
     def __init__(self, model, device: str | torch.device = "auto", score_thresh: float | None = None,
@@ -189,58 +232,76 @@ class Predictor:
     def categories(self) -> list[str]:
         return self.meta["categories"]
 
-    def __call__(self, source, out: str | os.PathLike | None = None, progress: bool | None = None) -> list[Result]:
-        """One result per image of ``source``; with ``out``, also pictures and result files there (see
-        :meth:`stream`)."""
-        return list(self.stream(source, out, progress))
+    def __call__(self, source, out: str | os.PathLike | None = None, progress: bool | None = None,
+                 fps: float | None = None) -> list[Result]:
+        """One result per image or frame of ``source``, all kept in a list (each holds its image): for long videos and
+        cameras iterate :meth:`stream`, which keeps one batch. With ``out``, also the files :meth:`stream` writes."""
+        opened = self._open(source, out, fps)
+        if any(source.count is None for source in opened[0]):
+            warnings.warn("the result of every frame is kept until the stream ends; for a camera or generator, "
+                          "iterate predictor.stream(...) instead", stacklevel=2)
+        return list(self._run(*opened, progress))
 
-    def stream(self, source, out: str | os.PathLike | None = None,
-               progress: bool | None = None) -> Iterator[Result]:
-        """Results as they come, in batches, with a progress bar for more than one image (``progress``).
+    def stream(self, source, out: str | os.PathLike | None = None, progress: bool | None = None,
+               fps: float | None = None) -> Iterator[Result]:
+        """Results as they come, one at a time (in batches of still images or of a video's frames; a camera's frame by
+        frame), with a progress bar in images or frames per second for more than one image (``progress``). Sources
+        are opened (and a damaged video refused) by this call, before any prediction.
 
-        With ``out``: a picture ``<out>/<name>.png`` per image, and the result files of the model's results
-        (detection: ``<out>/detections.json``, COCO results; segmentation: a label-id PNG
-        ``<out>/<name>_labelIds.png`` per image). Inputs are never overwritten.
+        With ``out``: for still images, a picture ``<out>/<name>.png`` each and the result files of the model's
+        results (detection: ``<out>/detections.json``, COCO results; segmentation: a label-id PNG
+        ``<out>/<name>_labelIds.png`` per image); for each video, camera or frame iterable, the annotated video and
+        the records of each frame (:class:`~heads.deploy.video.VideoOutput`: ``<out>/<name>.mp4`` and, detection,
+        ``<out>/<name>_detections.json``; a segmenter's masks are the results' ``mask``, not written). Inputs are
+        never overwritten. Stopping the stream (``break``, Ctrl-C) keeps what was written, complete.
+
+        ``fps``: the frame rate of an iterable of frames (its time stamps and its video's rate, which it needs), or
+        the annotated video's in place of the one a file or camera reports.
         """
-        from tqdm import tqdm
-
-        items, count = iter_sources(source)
-        out = Path(out) if out is not None else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        written, records, records_file = set(), [], None
-        if not self.warm:
-            self._warm_up()
-        bar = tqdm(total=count, desc="predict", unit="image",
-                   disable=not (count > 1 if progress is None else progress))
-        for batch in _batches(items, self.batch_size, self._input_size):
-            for result in self._predict(batch):
-                if out is not None:
-                    self._write(result, out, written)
-                    records += result.records()
-                    records_file = result.records_file
-                bar.update()
-                yield result
-        bar.close()
-        if out is not None and records_file is not None:
-            with atomic_write(out / records_file, "w") as file:
-                json.dump(records, file)
+        return self._run(*self._open(source, out, fps), progress)
 
     def predictions(self, paths: list[Path]) -> Iterator:
         """Each image file's prediction as evaluation scores it (:meth:`~heads.results.Result.prediction`): the
         adapter through which evaluation scores an exported file."""
         return (result.prediction() for result in self.stream(paths))
 
-    def _write(self, result: Result, out: Path, written: set) -> None:
-        if result.name in written:
-            raise DataError(f"two inputs are named {result.name}: their pictures would overwrite each other in "
-                            f"{out}; predict them into separate folders")
-        written.add(result.name)
-        for path in result.files(out):
-            if result.path is not None and path.exists() and path.samefile(result.path):
-                raise DataError(f"{path} is an input: writing its picture would overwrite it; choose an output "
-                                "folder that holds no inputs")
-        result.write(out)
+    def _open(self, source, out, fps) -> tuple[list[Source], _ImageOutput | None, list[VideoOutput | None]]:
+        """The sources, and with ``out``, what it writes for the still images and for each video: checked (a frame
+        rate to write at, no input overwritten, no file written twice) before any work."""
+        if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
+            raise ArgumentError(f"fps={fps} must be a positive number")
+        sources = open_sources(source, fps)
+        if out is None:
+            return sources, None, [None] * len(sources)
+        out, records_file, written = Path(out), self.model_cls.result_type.records_file, set()
+        videos = [VideoOutput(out, s.video, records_file, fps) if s.video else None for s in sources]
+        for video in filter(None, videos):
+            _claim(video.files, video.video.path, written)
+        return sources, _ImageOutput(out, written), videos
+
+    def _run(self, sources: list[Source], images: _ImageOutput | None, videos: list[VideoOutput | None],
+             progress: bool | None) -> Iterator[Result]:
+        from tqdm import tqdm
+
+        counts = [source.count for source in sources]
+        total = None if None in counts else sum(counts)
+        unit = "frame" if any(source.video for source in sources) else "image"
+        if images is not None:
+            images.out.mkdir(parents=True, exist_ok=True)
+        if not self.warm:
+            self._warm_up()
+        with tqdm(total=total, desc="predict", unit=unit,
+                  disable=not (total is None or total > 1 if progress is None else progress)) as bar, \
+                images or nullcontext():
+            for source, output in zip(sources, videos):
+                live = source.video is not None and source.video.live
+                with output or nullcontext(images) as writer:
+                    for batch in _batches(source.items, 1 if live else self.batch_size, self._input_size):
+                        for result in self._predict(batch):
+                            if writer is not None:
+                                writer.add(result)
+                            bar.update()
+                            yield result
 
     def _input_size(self, image: np.ndarray) -> tuple[int, int]:
         return tuple(self.model_cls.input_size(self.meta, *image.shape[:2]))
@@ -282,16 +343,55 @@ class Predictor:
     def _postprocess(self, item: Item, outputs: list[Tensor], input_size) -> Result:
         fields = self.model_cls.results(outputs, self.meta, input_size, item.image.shape[:2])
         return self.model_cls.result_type(image=item.image, path=item.path, categories=self.categories, timings=None,
-                                          dataset_ids=self.meta.get("dataset_ids"), **fields)
+                                          dataset_ids=self.meta.get("dataset_ids"), frame=item.frame,
+                                          timestamp=item.timestamp, **fields)
+
+
+def _claim(files: list[Path], source: Path | None, written: set[Path]) -> None:
+    """Reserve the output ``files`` of the input ``source``: refused where one is ``source`` itself, or where another
+    input's output already took it."""
+    for path in files:
+        if path in written:
+            raise DataError(f"two inputs would both write {path}: predict them into separate folders")
+        if source is not None and path.exists() and path.samefile(source):
+            raise DataError(f"{path} is an input: writing there would overwrite it; choose an output folder that "
+                            "holds no inputs")
+    written.update(files)
+
+
+class _ImageOutput:
+    """What a run writes into ``out`` for its still images: each result's picture and files
+    (:meth:`~heads.results.Result.write`), and, when the run ends or is stopped, the records file of them all."""
+
+    def __init__(self, out: Path, written: set[Path]):
+        self.out, self.written, self.records, self.records_file = out, written, [], None
+
+    def __enter__(self) -> _ImageOutput:
+        return self
+
+    def add(self, result: Result) -> None:
+        _claim(result.files(self.out), result.path, self.written)
+        result.write(self.out)
+        self.records += result.records()
+        self.records_file = result.records_file
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.records_file is not None and (kind is None or issubclass(kind, STOPPED)):
+            with atomic_write(self.out / self.records_file, "w") as file:
+                json.dump(self.records, file)
 
 
 def _batches(items: Iterator[Item], size: int, input_size) -> Iterator[list[Item]]:
-    """Consecutive items in groups of up to ``size`` that share one ``input_size(image)``."""
+    """Consecutive items in groups of up to ``size`` that share one ``input_size(image)``; a full group goes as soon
+    as it is full (a camera's frame is not held back until the next one arrives)."""
     batch: list[Item] = []
     for item in items:
-        if batch and (len(batch) == size or input_size(item.image) != input_size(batch[0].image)):
+        if batch and input_size(item.image) != input_size(batch[0].image):
             yield batch
             batch = []
         batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
