@@ -2,13 +2,15 @@
 import numpy as np
 import pytest
 import torch
-from test_runtimes import DETECTOR, SEGMENTER, models, one_thread  # noqa: F401  (fixtures)
+from test_runtimes import DETECTOR, SEGMENTER, models  # noqa: F401  (a fixture)
 
 from heads.assets import SAMPLE_IMAGES
 from heads.cli import eval_det_main, eval_seg_main, infer_main
 from heads.data import read_image
 from heads.deploy import runtimes
 from heads.deploy.predictor import Predictor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

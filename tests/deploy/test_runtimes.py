@@ -25,14 +25,7 @@ SIZES = {DETECTOR: None, SEGMENTER: (64, 128)}  # small: ExecuTorch and LiteRT g
 # ExecuTorch and LiteRT convert SSDLite in 25-45 s per precision on one core: their INT8 detector is a slow test
 FORMATS = ["onnx", "openvino", "executorch", "tflite"]
 SLOW_INT8 = {("executorch", DETECTOR), ("tflite", DETECTOR)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spread(model: nn.Module, *parts: nn.Module) -> nn.Module:

@@ -23,17 +23,8 @@ from heads.training.engine import Trainer
 from heads.training.tasks import get_task
 from heads.visualize import class_colour, draw_detections, overlay_mask
 
-pytestmark = pytest.mark.usefixtures("data_home")  # built-in sets written under a temporary folder
+pytestmark = pytest.mark.usefixtures("data_home", "one_thread")  # built-in sets under a temporary folder
 TINY = dict(max_steps=2, batch_size=2, workers=0, eval_limit=4, optimizer="adam", lr=0.001, lr_batch=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as these small CPU runs go fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(task: str, output, **values):
