@@ -17,7 +17,10 @@ IMAGES = list(SAMPLE_IMAGES.values())
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--models", nargs="+", choices=sorted(COUNTERPARTS), help="classify rows (default: all)")
+    parser.add_argument("--models", nargs="+", choices=sorted(COUNTERPARTS),
+                        help=f"classify rows, eager and deployed (default: all; {FULL.deploy_classifiers} deployed)")
+    parser.add_argument("--formats", nargs="+", choices=FULL.deploy_formats,
+                        help="deployment runtimes timed (default: all installed)")
     parser.add_argument("--batches", nargs="+", type=int, help=f"classify, features, detect (default: {FULL.batches})")
     parser.add_argument("--repeats", type=int, help=f"timed rounds (default: {FULL.repeats})")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -32,7 +35,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     overrides = dict(classify_models=args.models and tuple(args.models), batches=args.batches and tuple(args.batches),
-                     repeats=args.repeats)
+                     repeats=args.repeats, deploy_classifiers=args.models and tuple(args.models),
+                     deploy_formats=args.formats and tuple(args.formats))
     settings = settings._replace(**{key: value for key, value in overrides.items() if value})
     images = [read_image(path) for path in args.images]
     extra = [name for name, wanted in (("channels_last", args.channels_last), ("compiled", args.compile)) if wanted]
