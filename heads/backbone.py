@@ -108,7 +108,7 @@ def _layer_reductions(backbone: nn.Module) -> list[tuple[str, int]]:
     for name, child in backbone.named_children():
         items = child.named_children() if isinstance(child, (nn.Sequential, nn.ModuleList)) else [("", child)]
         layers += [(f"{name}.{item}" if item else name, module) for item, module in items]
-    layers = [(name, module) for name, module in layers if any(True for _ in module.parameters())]
+    layers = [(name, module) for name, module in layers if list(module.parameters())]
     reductions: list[int | None] = [None] * len(layers)
     for tap in info:
         inside = [i for i, (name, _) in enumerate(layers) if f"{tap['module']}.".startswith(f"{name}.")
