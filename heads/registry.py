@@ -3,6 +3,7 @@ weights, and their metadata as data."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +17,7 @@ from mbbackbones.checkpoint import CheckpointError, WeightsUnavailable, load_fil
 from mbbackbones.choices import ArgumentError, did_you_mean
 from mbbackbones.registry import Reference
 
-from .backbone import create_backbone
+from .backbone import create_backbone, freeze_stages
 from .detection.ssdlite import SSDLite
 from .segmentation.lraspp import LRASPP
 
@@ -94,7 +95,7 @@ def check_name(name: str) -> TaskEntry:
 
 def create_model(name: str, num_classes: int | None = None, pretrained: bool | str | os.PathLike | None = None,
                  pretrained_backbone: bool | str | os.PathLike | None = None, backbone: str | nn.Module | None = None,
-                 **kwargs) -> nn.Module:
+                 trainable_backbone_layers: int | None = None, **kwargs) -> nn.Module:
     """Build a task model by name, in train mode, with its metadata in ``model.meta``.
 
     Args:
@@ -107,6 +108,11 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
         pretrained_backbone: ``True`` (the backbone's default ImageNet weights) or a file with backbone weights.
         backbone: any registered backbone name, replacing the entry's default, or a module with timm's
             ``features_only`` contract (used as it is: no ``pretrained_backbone`` then).
+        trainable_backbone_layers: how many backbone stages, counted from the top, train (torchvision's convention:
+            0 freezes the backbone; None, the default, trains all; stages as ``heads.backbone.backbone_stages``
+            counts them, 6 for MobileNetV3). Frozen stages keep their BatchNorm in eval mode when the model trains,
+            unlike torchvision's, which leaves it in train mode; and they are frozen even without pretrained weights
+            (with a warning), where torchvision trains them all instead.
         kwargs: constructor arguments of the model class.
     """
     entry = check_name(name)
@@ -114,7 +120,8 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool | s
         raise ArgumentError(f"{name}: pretrained and pretrained_backbone together; the whole-model weights replace the "
                           "backbone's, so pass one of them")
     checkpoint, meta, source = _weights(entry, pretrained)
-    return _build(entry, checkpoint, meta, source, num_classes, pretrained_backbone, backbone, kwargs)
+    return _build(entry, checkpoint, meta, source, num_classes, pretrained_backbone, backbone,
+                  trainable_backbone_layers, kwargs)
 
 
 def load_checkpoint(path: str | os.PathLike, name: str | None = None, **kwargs) -> tuple[nn.Module, dict]:
@@ -131,12 +138,14 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, **kwargs) 
         raise ArgumentError(f"{path} is a plain state dict: say which model it belongs to (one of "
                           f"{', '.join(ENTRIES)})")
     num_classes, backbone = kwargs.pop("num_classes", None), kwargs.pop("backbone", None)
-    model = _build(check_name(name), checkpoint, meta, str(path), num_classes, None, backbone, kwargs)
+    model = _build(check_name(name), checkpoint, meta, str(path), num_classes, None, backbone,
+                   kwargs.pop("trainable_backbone_layers", None), kwargs)
     return model, checkpoint
 
 
 def _build(entry: TaskEntry, checkpoint: dict | None, meta: dict, source: str, num_classes: int | None,
-           pretrained_backbone, backbone: str | None, kwargs: dict) -> nn.Module:
+           pretrained_backbone, backbone: str | None, trainable_backbone_layers: int | None,
+           kwargs: dict) -> nn.Module:
     """The model of ``entry`` with the weights of ``checkpoint`` (None: none) and its metadata."""
     explicit_classes = num_classes is not None
     if num_classes is None and meta.get("categories"):
@@ -158,6 +167,11 @@ def _build(entry: TaskEntry, checkpoint: dict | None, meta: dict, source: str, n
         except CheckpointError as error:
             raise CheckpointError(f"{entry.name}: {source} does not fit: {error}") from None
         load_weights(model, state, f"{entry.name}: {source}", new_head=explicit_classes)
+    frozen = freeze_stages(model.backbone, trainable_backbone_layers, backbone if isinstance(backbone, str) else
+                           type(backbone).__name__)
+    if frozen and checkpoint is None and not pretrained_backbone and isinstance(backbone, str):
+        warnings.warn(f"{entry.name}: trainable_backbone_layers={trainable_backbone_layers} freezes {frozen} backbone "
+                      "stages that hold random weights: pass pretrained or pretrained_backbone", stacklevel=3)
     fields = {key: meta[key] for key in DESCRIPTIVE if key in meta}
     categories = meta.get("categories")
     if categories is not None and len(categories) != model.num_classes:  # a new head: its classes are new
@@ -230,7 +244,21 @@ def load_weights(model: nn.Module, state: dict, source: str, new_head: bool = Fa
     model.load_state_dict(state, strict=not fresh)
     if fresh:
         warnings.warn(f"{source}: its classification layers are for another number of classes, so the model's "
-                      f"{model.num_classes}-class layers ({len(fresh)} tensors) start untrained", stacklevel=3)
+                      f"{model.num_classes}-class layers start untrained (re-initialised: {layer_names(fresh)})",
+                      stacklevel=3)
+
+
+def layer_names(keys: list[str]) -> str:
+    """The layers that state-dict ``keys`` belong to, in order, those that differ in one index written once
+    (``head.cls.{0,1,2}.1``)."""
+    layers = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in keys))
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        index = re.search(r"(?<=\.)\d+(?=\.|$)", layer)
+        pattern = layer[:index.start()] + "{}" + layer[index.end():] if index else layer
+        groups.setdefault(pattern, []).append(index[0] if index else "")
+    return ", ".join(pattern.format("{" + ",".join(indices) + "}") if len(indices) > 1 else
+                     pattern.format(*indices) for pattern, indices in groups.items())
 
 
 def describe(name: str, model: nn.Module, categories: list[str] | None = None, **fields) -> dict:

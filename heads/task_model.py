@@ -53,6 +53,17 @@ class TaskModel(nn.Module):
     class_layers: tuple[str, ...]
     float_layers: tuple[str, ...] = ()
 
+    def train(self, mode: bool = True) -> TaskModel:
+        """``nn.Module.train``, except that BatchNorm layers whose weights are frozen (``requires_grad`` off, as
+        ``trainable_backbone_layers`` leaves them) stay in eval mode, so their statistics stay those of the weights
+        too (torchvision's detectors leave them in train mode)."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and is_frozen(module):
+                    module.eval()
+        return self
+
     def forward_batch(self, images: Tensor) -> tuple[Tensor, ...]:
         """The network on a batch [B, 3, H, W] (uint8, or float in [0, 1]) at its input size: plain tensors named
         :attr:`output_names`, ready for ``torch.export`` and ONNX."""
@@ -91,6 +102,12 @@ class TaskModel(nn.Module):
     def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
         """How a runtime's outputs ``got`` compare with PyTorch's ``expected`` (batches, at the input size)."""
         raise NotImplementedError
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` has weights and none of them trains."""
+    flags = [parameter.requires_grad for parameter in module.parameters()]
+    return bool(flags) and not any(flags)
 
 
 def as_size(size: int | Sequence[int]) -> tuple[int, int]:

@@ -166,6 +166,15 @@ class MobileNet(nn.Module):
         return dict(stem=r"^stem", blocks=[*blocks, (r"^last_conv", (99999,))])
 
     @torch.jit.ignore
+    def layer_reductions(self) -> List[Tuple[str, int]]:
+        """Its layers in forward order (the stem, each block, the last conv) with the nominal stride of their
+        outputs (before dilation): where its stages begin, which feature taps inside blocks cannot tell."""
+        layers = [("stem", 2)] + [(f"blocks.{i}", self._block_reductions[i]) for i in range(len(self.blocks))]
+        if not isinstance(self.last_conv, nn.Identity):
+            layers.append(("last_conv", layers[-1][1]))
+        return layers
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -1,4 +1,5 @@
 """Task models by name: published weights through torch's hub cache (offline), their metadata, and their errors."""
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from benchmarking.workloads import calibrated_torchvision_detector
 from conftest import randomize_batchnorm
 from torchvision.models import mobilenet_v3_large
-from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights
+from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights, ssdlite320_mobilenet_v3_large
 from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights, lraspp_mobilenet_v3_large
 
 import heads
@@ -99,3 +100,26 @@ def test_every_model_describes_itself_as_data():
         assert set(meta) >= {"input_size", "resize", "metrics", "recipe", "weights", "dataset_ids"}
     assert heads.list_models(pretrained=True) == [DETECTOR, SEGMENTER]
     assert heads.list_weights(DETECTOR) == ["coco_v1"]
+
+
+@pytest.mark.parametrize("name, torchvision_model, layers, message", [
+    (DETECTOR, partial(ssdlite320_mobilenet_v3_large, weights=None, weights_backbone=None),
+     {f"head.classification_head.module_list.{i}.1" for i in range(6)},
+     r"head\.classification_head\.module_list\.\{0,1,2,3,4,5\}\.1"),
+    (SEGMENTER, partial(lraspp_mobilenet_v3_large, weights=None, weights_backbone=None, num_classes=21),
+     {"head.low_classifier", "head.high_classifier"}, "head.low_classifier, head.high_classifier")],
+    ids=["detection", "segmentation"])
+def test_a_new_head_from_published_weights_or_a_file_names_the_layers_it_reinitialises(name, torchvision_model,
+                                                                                       layers, message, hub, tmp_path):
+    file = next(iter(heads.ENTRIES[name].weights.values())).file
+    torch.save(torchvision_model().state_dict(), hub / file)
+    published = heads.create_model(name, pretrained=True).state_dict()
+    torch.save(published, tmp_path / "mine.pth")
+    for source, pretrained in ((file, True), ("mine.pth", tmp_path / "mine.pth")):
+        with pytest.warns(UserWarning, match=rf"{name}: .*{source}: .* the model's 4-class layers start untrained "
+                                             rf"\(re-initialised: {message}\)$"):
+            model = heads.create_model(name, num_classes=4, pretrained=pretrained)
+        state = model.state_dict()
+        fresh = {key for key, value in state.items() if value.shape != published[key].shape}
+        assert {key.rsplit(".", 1)[0] for key in fresh} == layers
+        assert all(torch.equal(value, published[key]) for key, value in state.items() if key not in fresh)

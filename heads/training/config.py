@@ -68,6 +68,12 @@ class TrainConfig:
     model_kwargs: dict = option({}, "extra constructor arguments (e.g. backbone, pooling)")
     pretrained: bool | str | None = option(None, "whole-model weights: true (published), a tag or a file")
     pretrained_backbone: bool | str | None = option(None, "backbone weights: true (ImageNet) or a file")
+    trainable_backbone_layers: int | None = option(
+        None, "backbone stages, counted from the top, that train (torchvision's convention, 6 for MobileNetV3; 0: "
+              "none; null: all); frozen stages keep their BatchNorm in eval mode (torchvision's: in train mode)",
+        at_least(0))
+    freeze: str | None = option(None, "backbone: freeze the whole backbone (trainable_backbone_layers: 0)",
+                                one_of("backbone"))
     # data
     dataset: str = option("builtin", "coco | builtin (detection); cityscapes | builtin (segmentation)",
                           one_of("coco", "cityscapes", "builtin"))

@@ -370,13 +370,13 @@ class Trainer:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader, task, device, batches: int) -> None:
-    """Re-estimate BatchNorm running statistics for the current weights (cumulative average)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Re-estimate BatchNorm running statistics for the current weights (cumulative average); frozen layers' stay."""
+    model.train()  # frozen BatchNorm stays in eval mode (TaskModel.train)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     for i, batch in enumerate(unwrap_worker_errors(loader)):
         if i == batches:
             break

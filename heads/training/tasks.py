@@ -49,7 +49,10 @@ class Task:
             tool = TASKS[entry.model_cls.task].tool
             raise ConfigError(f"model {cfg.model} is a {entry.model_cls.task} model, not a {cls.name} one: train it "
                               f"with {tool}, or choose one of {', '.join(registry.list_models(cls.name))}")
-        for key in ("num_classes", "pretrained", "pretrained_backbone"):
+        if cfg.freeze is not None and cfg.trainable_backbone_layers is not None:
+            raise ConfigError(f"freeze: {cfg.freeze} and trainable_backbone_layers: {cfg.trainable_backbone_layers} "
+                              "together; freeze: backbone is trainable_backbone_layers: 0, so set one of them")
+        for key in ("num_classes", "pretrained", "pretrained_backbone", "trainable_backbone_layers"):
             if key in cfg.model_kwargs:
                 where = "comes from the dataset" if key == "num_classes" else f"is the config key {key}"
                 raise ConfigError(f"model_kwargs: {key} {where}; remove it from model_kwargs")
@@ -86,7 +89,9 @@ class Task:
     def model(cls, cfg: TrainConfig, train_set) -> nn.Module:
         """The registered model, its classes and their dataset ids in its metadata."""
         model = registry.create_model(cfg.model, num_classes=train_set.num_classes, pretrained=cfg.pretrained,
-                                      pretrained_backbone=cfg.pretrained_backbone, **cfg.model_kwargs)
+                                      pretrained_backbone=cfg.pretrained_backbone,
+                                      trainable_backbone_layers=0 if cfg.freeze else cfg.trainable_backbone_layers,
+                                      **cfg.model_kwargs)
         model.meta.update(categories=list(train_set.class_names), dataset_ids=cls.dataset_ids(train_set),
                           model_kwargs=dict(cfg.model_kwargs), weights=None)
         return model
