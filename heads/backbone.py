@@ -49,7 +49,7 @@ def _timm_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         raise ArgumentError(f"{name}: timm has no model {model!r}.{did_you_mean(model, timm.list_models())}")
     try:
         return timm.create_model(model, pretrained=pretrained, features_only=True, **options)
-    except (KeyError, ValueError, AssertionError) as error:  # timm: no such feature location for this model
+    except (KeyError, ValueError, AssertionError, TypeError) as error:  # timm: no such feature location (or none)
         location = options.pop("feature_location", "block")
         if location == "block":
             raise

@@ -32,6 +32,9 @@ def test_timm_backbones_record_their_taps():
         segmenter = heads.create_model("lraspp_mbv3_large", backbone="timm/efficientnet_lite0")
     assert segmenter.meta["feature_location"] == "block"
     assert heads.create_model("lraspp_mbv4_conv_small").meta["feature_location"] == "downsample"
+    with pytest.warns(UserWarning, match="timm/resnet18 has no 'downsample' feature taps in timm .*TypeError"):
+        resnet = heads.create_model("lraspp_mbv3_large", backbone="timm/resnet18")  # no feature_location argument
+    assert resnet.backbone.feature_info.channels() == [128, 512] and resnet.meta["feature_location"] == "block"
     with pytest.raises(ArgumentError, match="timm/efficientnet_lite9: timm has no model 'efficientnet_lite9'"):
         heads.create_model("ssdlite320_mbv3_large", backbone="timm/efficientnet_lite9")
 
