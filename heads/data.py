@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,29 @@ def split_item(item) -> tuple[int, int | None]:
 def default_data_root() -> Path:
     """Where built-in datasets are written: ``$MBBACKBONES_DATA`` when set, else ``~/.cache/mbbackbones``."""
     return Path(os.environ.get("MBBACKBONES_DATA", "~/.cache/mbbackbones")).expanduser()
+
+
+def generated_once(root: Path, settings: dict, write: Callable[[Path], None], name: str) -> Path:
+    """``root``, a built-in set written on first use by ``write(folder)`` into a temporary folder renamed into place
+    (:func:`~heads.files.write_once`), with ``settings`` recorded in ``root/builtin.json``; a ``DataError`` when an
+    existing ``root`` was made with other settings (``name``: the set, for the message)."""
+    from .files import write_once
+
+    record = root / "builtin.json"
+    if not root.exists():
+        def write_recorded(folder: Path) -> None:
+            write(folder)
+            (folder / record.name).write_text(json.dumps(settings))
+
+        write_once(root, write_recorded)
+    try:
+        found = json.loads(record.read_text())
+    except (OSError, ValueError):
+        found = None
+    if found != settings:
+        raise DataError(f"{root} exists but is not the built-in {name} set for these arguments ({settings}); delete it "
+                        "or pass another root")
+    return root
 
 
 def unwrap_worker_errors(batches: Iterable) -> Iterator:

@@ -69,9 +69,9 @@ class TrainConfig:
     pretrained: bool | str | None = option(None, "whole-model weights: true (published), a tag or a file")
     pretrained_backbone: bool | str | None = option(None, "backbone weights: true (ImageNet) or a file")
     # data
-    dataset: str = option("builtin", "coco | builtin (detection); cityscapes | builtin (segmentation)",
-                          one_of("coco", "cityscapes", "builtin"))
-    data_root: str | None = option(None, "dataset root (coco, cityscapes)")
+    dataset: str = option("builtin", "coco | voc | builtin | builtin_voc (detection); cityscapes | builtin "
+                          "(segmentation)", one_of("coco", "voc", "cityscapes", "builtin", "builtin_voc"))
+    data_root: str | None = option(None, "dataset root (coco, cityscapes; voc: the VOC2012 or VOC2007 folder)")
     train_split: str = option("train2017", "training split (folder / annotation name)")
     val_split: str = option("val2017", "validation split")
     train_annotations: str | None = option(None, "COCO: an annotation JSON for training, any path (default: the "
