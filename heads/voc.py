@@ -49,7 +49,8 @@ def split_ids(root: str | os.PathLike, kind: str, split: str, files: dict[str, s
         ids = path.read_text().split()
     except FileNotFoundError:
         found = sorted(p.stem for p in lists.glob("*.txt") if "_" not in p.stem)  # not <class>_<split>.txt
-        there = f"the splits there: {', '.join(found)}" if found else f"{lists} has no split lists ({LAYOUT})"
+        there = (f"the splits there: {', '.join(found)} (set train_split / val_split to one)" if found else
+                 f"{lists} has no split lists ({LAYOUT})")
         raise DataError(f"VOC split list not found: {path}; {there}") from None
     if not ids:
         raise DataError(f"{path} lists no image ids; write one id a line (the file names without suffix)")

@@ -72,7 +72,7 @@ class TrainConfig:
     dataset: str = option("builtin", "coco | voc | builtin | builtin_voc (detection); cityscapes | builtin "
                           "(segmentation)", one_of("coco", "voc", "cityscapes", "builtin", "builtin_voc"))
     data_root: str | None = option(None, "dataset root (coco, cityscapes; voc: the VOC2012 or VOC2007 folder)")
-    train_split: str = option("train2017", "training split (folder / annotation name)")
+    train_split: str = option("train2017", "training split (COCO: folder / annotation name; VOC: ImageSets list)")
     val_split: str = option("val2017", "validation split")
     train_annotations: str | None = option(None, "COCO: an annotation JSON for training, any path (default: the "
                                                  "split's under data_root/annotations)")

@@ -54,7 +54,7 @@ def test_missing_list_names_the_splits_there(tmp_path):
     (root / "ImageSets" / "Main" / "val.txt").write_text("2007_000001\n")
     (root / "ImageSets" / "Main" / "dog_train.txt").write_text("2007_000001  1\n")  # per-class lists are not splits
     message = one_line_error(root, r"split list not found: .*ImageSets/Main/train2017\.txt", split="train2017")
-    assert message.endswith("the splits there: train, val")
+    assert message.endswith("the splits there: train, val (set train_split / val_split to one)")
     shutil.rmtree(root / "ImageSets")
     assert "has no split lists" in one_line_error(root, "split list not found")
 
