@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# voc07_mAP50 after the demo's two epochs (50 steps from scratch): 0.XXX measured on this machine; the floor leaves
-# room for other CPUs' float noise
-VOC07_FLOOR = 0.0
+# voc07_mAP50 after the demo's two epochs (50 steps from scratch): 0.244 measured on this machine (voc_mAP50 0.242,
+# COCO AP50 0.242); the floor, half of it, leaves room for other CPUs' float noise
+VOC07_FLOOR = 0.12
 
 
 @pytest.mark.slow
@@ -27,6 +27,7 @@ def test_builtin_voc_demo_trains_two_epochs_and_eval_det_scores_its_run(tmp_path
     stats = json.loads((run / "metrics.json").read_text())["stats"]
     assert stats["voc07_mAP50"] >= VOC07_FLOOR and stats["voc_mAP50"] > 0
     metrics = eval_det_main(["--weights", str(run), "--builtin", "--json", str(tmp_path / "eval.json")])
-    assert json.loads((tmp_path / "eval.json").read_text())["stats"] == pytest.approx(stats, abs=1e-9)
+    # best.pt, loaded again, scores within float noise of the training process (AP 3e-7 apart here)
+    assert json.loads((tmp_path / "eval.json").read_text())["stats"] == pytest.approx(stats, abs=1e-4)
     assert [name for name, _, ap in metrics.voc.per_class if ap >= 0] == ["aeroplane", "boat", "pottedplant", "sheep",
                                                                          "tvmonitor"]
