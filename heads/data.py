@@ -1,4 +1,4 @@
-"""What every dataset reader here shares: image decoding with clear errors, per-sample seeds."""
+"""Shared by every dataset reader: image decoding with clear errors, per-sample seeds, built-in sets written once."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .files import write_once
 
 _16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ORIENTATION = 0x0112  # the EXIF tag saying how to turn the stored pixels upright
@@ -103,8 +105,6 @@ def generated_once(root: Path, settings: dict, write: Callable[[Path], None], na
     """``root``, a built-in set written on first use by ``write(folder)`` into a temporary folder renamed into place
     (:func:`~heads.files.write_once`), with ``settings`` recorded in ``root/builtin.json``; a ``DataError`` when an
     existing ``root`` was made with other settings (``name``: the set, for the message)."""
-    from .files import write_once
-
     record = root / "builtin.json"
     if not root.exists():
         def write_recorded(folder: Path) -> None:

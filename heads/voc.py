@@ -120,7 +120,7 @@ def _write_builtin(root: Path, counts: dict[str, int], size_range, seed: int) ->
                 mask.save(root / "SegmentationClass" / f"{image_id}.png")
         lists[split] = (ids, [image_id for image_id in ids if image_id in segmented])
         first += count
-    lists["trainval"] = tuple(sum((lists[split][i] for split in counts), []) for i in range(2))
+    lists["trainval"] = tuple([image_id for split in counts for image_id in lists[split][kind]] for kind in (0, 1))
     for split, (main, segmentation) in lists.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in main))
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in segmentation))
