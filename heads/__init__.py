@@ -2,14 +2,16 @@
 
 The public API is what ``__all__`` lists; the sub-packages are internal and may change:
 
-- ``heads.detection``: SSDLite, the COCO reader, the built-in COCO-format set, SSD augmentation, COCO metrics.
+- ``heads.detection``: SSDLite, the COCO and VOC readers, the built-in COCO-format set, SSD augmentation, COCO and
+  VOC metrics.
 - ``heads.segmentation``: LR-ASPP, the Cityscapes reader, built-in scenes, augmentation, inference, metrics.
 - ``heads.training``: the config, the one engine shared by both tasks, the tasks' hooks, the sampler, logs.
 - ``heads.deploy``: the predictor, BatchNorm folding, export and the runtimes of exported files.
 
 Beside them: ``heads.task_model`` (the one interface of task models), ``heads.results`` (what a prediction
 returns), ``heads.loading`` (a name, model, run folder, weights or exported file to a model that runs),
-``heads.registry`` (task models by name) and ``heads.backbone`` (the backbones under the heads).
+``heads.registry`` (task models by name), ``heads.backbone`` (the backbones under the heads) and ``heads.voc``
+(Pascal VOC's layout, classes and palette, and the built-in VOC-layout set).
 
 Names are imported on first use, so ``import heads`` loads neither the augmentation nor the plotting libraries.
 """

@@ -41,11 +41,11 @@ def positive(text: str) -> int:
     return value
 
 
-def _add_data(parser: argparse.ArgumentParser, split: str) -> None:
+def _add_data(parser: argparse.ArgumentParser, split: str | None, split_help: str | None = None) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-root", "--data_root", dest="data_root", help="dataset root")
     data.add_argument("--builtin", action="store_true", help="the built-in dataset (generated on first use)")
-    parser.add_argument("--split", default=split)
+    parser.add_argument("--split", default=split, help=split_help)
     parser.add_argument("--limit", type=positive, help="first N images only")
     parser.add_argument("--out", type=Path, help="folder for the outputs")
     parser.add_argument("--json", type=Path, help="write the metrics here")
@@ -147,9 +147,12 @@ def eval_det_main(argv: list[str] | None = None):
     from .detection.coco import LABEL_MODES
     from .detection.evaluate import BACKENDS
 
-    parser, source = _parser("Evaluate a detector on COCO (or the built-in set): COCOeval's summary, AP per class.")
+    parser, source = _parser("Evaluate a detector on COCO or Pascal VOC (or a built-in set): COCOeval's summary, AP "
+                             "per class; on VOC also VOC's mAP@0.5 (11-point and all-point).")
     source.add_argument("--results", help="score this COCO results JSON instead of running a model")
-    _add_data(parser, "val2017")
+    _add_data(parser, None, "default: val2017 (COCO), val (VOC)")
+    parser.add_argument("--dataset", choices=("coco", "voc"),
+                        help="the layout of --data-root, or which built-in set; default: the run's, else coco")
     parser.add_argument("--label-mode", choices=LABEL_MODES, help="default: the run's, else contiguous")
     parser.add_argument("--batch-size", type=positive, default=8)
     parser.add_argument("--scorer", choices=BACKENDS, default="pycocotools", help="the COCOeval implementation")
@@ -167,25 +170,35 @@ def _eval_det(args):
         model_categories,
         save_results,
     )
+    from .detection.voc import VocDetection
+    from .voc import DATASETS, builtin_voc
 
     network, config = _network(args, "detection") if args.weights else (None, None)
-    label_mode = args.label_mode or (config.label_mode if config else "contiguous")
-    dataset = CocoDetection(args.data_root or builtin_coco(), args.split, label_mode=label_mode)
+    kind = args.dataset or ("voc" if config and config.dataset in DATASETS else "coco")
+    split = args.split or {"coco": "val2017", "voc": "val"}[kind]
+    if kind == "voc":
+        if args.label_mode not in (None, "contiguous"):
+            raise ArgumentError(f"--label-mode {args.label_mode} numbers COCO's categories; VOC's 20 classes are "
+                                "labels 1..20: leave it out")
+        dataset = VocDetection(args.data_root or builtin_voc(), split)
+    else:
+        label_mode = args.label_mode or (config.label_mode if config else "contiguous")
+        dataset = CocoDetection(args.data_root or builtin_coco(), split, label_mode=label_mode)
     categories = model_categories(network.meta, dataset) if network is not None else None  # the model's own ids
     if not dataset.coco.anns:  # test-dev: nothing to score here; the results file is the submission
         if network is None:
-            raise ArgumentError(f"{args.split} has no annotations to score --results against")
+            raise ArgumentError(f"{split} has no annotations to score --results against")
         if args.out is None:
-            raise ArgumentError(f"{args.split} has no annotations: pass --out, where the submission file goes")
+            raise ArgumentError(f"{split} has no annotations: pass --out, where the submission file goes")
         results, _ = detect_dataset(network, dataset, _device(args), args.batch_size, args.limit,
                                     label_to_category=categories)
         save_results(results, args.out / "detections.json")
-        print(f"{args.split} has no annotations: wrote {len(results)} detections for the evaluation server to "
+        print(f"{split} has no annotations: wrote {len(results)} detections for the evaluation server to "
               f"{args.out / 'detections.json'}")
         return None
     if args.results:
         metrics = evaluate(dataset.coco, load_results(args.results), backend=args.scorer,
-                           image_ids=dataset.image_ids[:args.limit])
+                           image_ids=dataset.image_ids[:args.limit], voc=dataset.voc_metric)
     else:
         metrics = evaluate_model(network, dataset, _device(args), args.batch_size, args.limit, backend=args.scorer,
                                  output=args.out, label_to_category=categories)

@@ -1,14 +1,17 @@
-"""What every dataset reader here shares: image decoding with clear errors, per-sample seeds."""
+"""Shared by every dataset reader: image decoding with clear errors, per-sample seeds, built-in sets written once."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .files import write_once
 
 _16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ORIENTATION = 0x0112  # the EXIF tag saying how to turn the stored pixels upright
@@ -96,6 +99,27 @@ def split_item(item) -> tuple[int, int | None]:
 def default_data_root() -> Path:
     """Where built-in datasets are written: ``$MBBACKBONES_DATA`` when set, else ``~/.cache/mbbackbones``."""
     return Path(os.environ.get("MBBACKBONES_DATA", "~/.cache/mbbackbones")).expanduser()
+
+
+def generated_once(root: Path, settings: dict, write: Callable[[Path], None], name: str) -> Path:
+    """``root``, a built-in set written on first use by ``write(folder)`` into a temporary folder renamed into place
+    (:func:`~heads.files.write_once`), with ``settings`` recorded in ``root/builtin.json``; a ``DataError`` when an
+    existing ``root`` was made with other settings (``name``: the set, for the message)."""
+    record = root / "builtin.json"
+    if not root.exists():
+        def write_recorded(folder: Path) -> None:
+            write(folder)
+            (folder / record.name).write_text(json.dumps(settings))
+
+        write_once(root, write_recorded)
+    try:
+        found = json.loads(record.read_text())
+    except (OSError, ValueError):
+        found = None
+    if found != settings:
+        raise DataError(f"{root} exists but is not the built-in {name} set for these arguments ({settings}); delete it "
+                        "or pass another root")
+    return root
 
 
 def unwrap_worker_errors(batches: Iterable) -> Iterator:

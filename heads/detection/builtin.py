@@ -97,7 +97,7 @@ def _write_split(image_dir: Path, rng: np.random.Generator, count: int, size_ran
         image_id = first_id + index
         width, height = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
         num_objects = 0 if index in empty else int(rng.integers(1, 5))
-        image, objects = _draw_image(rng, width, height, num_objects, with_crowd=index in crowd)
+        image, objects = draw_image(rng, width, height, num_objects, with_crowd=index in crowd)
         file_name = f"{image_id:012d}.jpg"
         (image.convert("L") if index in gray else image).save(image_dir / file_name, quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1})
@@ -112,7 +112,7 @@ def _write_split(image_dir: Path, rng: np.random.Generator, count: int, size_ran
     }
 
 
-def _draw_image(rng: np.random.Generator, width: int, height: int, num_objects: int, with_crowd: bool):
+def draw_image(rng: np.random.Generator, width: int, height: int, num_objects: int, with_crowd: bool):
     """An RGB image and its objects ``(category_id, [polygon, ...], iscrowd)``, polygons as (K, 2) arrays."""
     coarse = rng.uniform(70, 180, size=(4, 4, 1)) + rng.uniform(-25, 25, size=(4, 4, 3))  # muted tints
     image = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR)
@@ -137,13 +137,19 @@ def _draw_image(rng: np.random.Generator, width: int, height: int, num_objects: 
                 objects.append((shape, [polygon], 0))
                 boxes.append(box)
                 break
-    by_area = np.argsort([-(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes], kind="stable")
-    for shape, polygons, _ in (objects[i] for i in by_area):  # smaller shapes on top, so all stay visible
+    for shape, polygons, _ in in_drawing_order(objects):
         for polygon in polygons:
             draw.polygon([tuple(point) for point in polygon], fill=_colour(rng, SHAPES[shape][2]))
     noise = rng.standard_normal((height, width, 3), dtype=np.float32) * 14
     image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
     return image, [(SHAPES[shape][0], polygons, iscrowd) for shape, polygons, iscrowd in objects]
+
+
+def in_drawing_order(objects: list) -> list:
+    """``objects`` (tuples whose second item is a list of polygons) largest box first: smaller shapes are drawn on
+    top, so all stay visible."""
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (_bounds(np.concatenate(o[1])) for o in objects)]
+    return [objects[i] for i in np.argsort(np.negative(areas), kind="stable")]
 
 
 def _polygon(rng: np.random.Generator, shape: int, size: float, region) -> np.ndarray:

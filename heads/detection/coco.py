@@ -49,6 +49,8 @@ class CocoDetection(torch.utils.data.Dataset):
     (``root`` is then not needed).
     """
 
+    voc_metric = False  # evaluation adds VOC's mAP@0.5, its difficult boxes being the crowd regions (VocDetection)
+
     def __init__(self, root=None, split="val2017", label_mode="contiguous", transform=None, train=False,
                  skip_corrupt=False, image_dir=None, annotation_file=None):
         check_choice("label_mode", label_mode, LABEL_MODES)
@@ -59,7 +61,12 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_dir = Path(image_dir or self.root / UNLABELLED_SPLITS.get(split, split)).expanduser()
         self.annotation_file = Path(annotation_file or self.root / "annotations" /
                                     f"{'image_info' if unlabelled else 'instances'}_{split}.json").expanduser()
-        self.coco = load_coco(self.annotation_file, self.image_dir, annotated=not unlabelled)
+        self._index(load_coco(self.annotation_file, self.image_dir, annotated=not unlabelled), label_mode, transform,
+                    train, skip_corrupt)
+
+    def _index(self, coco: COCO, label_mode: str, transform, train: bool, skip_corrupt: bool) -> None:
+        """Take ``coco`` as the dataset's index: its images in id order, its categories as labels."""
+        self.coco = coco
         self.transform = transform
         self.train = train
         self.skip_corrupt = skip_corrupt
@@ -126,8 +133,12 @@ class CocoDetection(torch.utils.data.Dataset):
         size = f"{stored.shape[1]}x{stored.shape[0]}"
         if turned is not stored:
             size += f" as stored and {turned.shape[1]}x{turned.shape[0]} upright (EXIF orientation {orientation})"
-        raise DataError(f"{self.annotation_file}: image {image_id} is recorded as {recorded[0]}x{recorded[1]} but "
-                        f"{path} is {size} (width x height); fix the record")
+        raise DataError(f"{self._record(image_id)} is recorded as {recorded[0]}x{recorded[1]} but {path} is {size} "
+                        "(width x height); fix the record")
+
+    def _record(self, image_id: int) -> str:
+        """Where the record of image ``image_id`` is, for messages."""
+        return f"{self.annotation_file}: image {image_id}"
 
     def _sample(self, image: np.ndarray, image_id: int, seed: int | None):
         boxes, labels = self._annotations(image_id, *image.shape[:2])
@@ -172,6 +183,11 @@ def load_coco(annotation_file: Path, image_dir: Path, annotated: bool = True) ->
     if not annotated and isinstance(dataset, dict):
         dataset.setdefault("annotations", [])
     _check_instances(dataset, annotation_file)
+    return coco_index(dataset)
+
+
+def coco_index(dataset: dict) -> COCO:
+    """A pycocotools ``COCO`` index of an instances dictionary, built without its progress prints."""
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):

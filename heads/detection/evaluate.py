@@ -1,7 +1,7 @@
-"""COCO box evaluation: detections to the results format, results files, COCOeval metrics, and the loop that
-scores a model on a dataset.
+"""Box evaluation: detections to the COCO results format, results files, COCOeval metrics, Pascal VOC's mAP@0.5,
+and the loop that scores a model on a dataset.
 
-Two backends give the same 12 numbers, up to float64 rounding: ``pycocotools`` (the reference) and
+Two backends give the same 12 COCO numbers, up to float64 rounding: ``pycocotools`` (the reference) and
 ``faster_coco_eval`` (a C++ port: ``pip install faster-coco-eval``, or the project's ``fast`` extra).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
 from ..data import DataError, unwrap_worker_errors
@@ -37,8 +37,33 @@ _SCORE_DECIMALS = 6  # keeps the float32 ranking: fewer ties than the model prod
 
 
 @dataclass
+class VocMetrics:
+    """Pascal VOC's AP@0.5 per class with GT, 11-point (VOC2007) and area under the whole curve (VOC2010 on), and
+    their means. -1 where nothing can be measured: a class without non-difficult GT, a mean without such classes."""
+
+    per_class: list[tuple[str, float, float]]  # name, 11-point AP, all-point AP
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """``voc07_mAP50`` (11-point) and ``voc_mAP50`` (all points), averaged over the classes with GT."""
+        measured = np.array([(ap07, ap) for _, ap07, ap in self.per_class if ap >= 0]).reshape(-1, 2)
+        means = measured.mean(axis=0).tolist() if len(measured) else [-1.0, -1.0]
+        return dict(zip(VOC_STAT_NAMES, means))
+
+    @property
+    def summary(self) -> str:
+        """The two means, one line each, as COCOeval prints its numbers."""
+        return "\n".join(f" Pascal VOC mAP @[ IoU>0.50 | {kind:>9} ] = {value:0.3f}"
+                         for kind, value in zip(("11-point", "all-point"), self.stats.values()))
+
+
+VOC_STAT_NAMES = ("voc07_mAP50", "voc_mAP50")
+
+
+@dataclass
 class CocoMetrics:
-    """COCOeval's 12 summary numbers, its printed table, and (name, AP, AP50) per GT category.
+    """COCOeval's 12 summary numbers, its printed table, and (name, AP, AP50) per GT category; for VOC data also
+    ``voc``, whose means join ``stats`` and whose lines join ``summary``.
 
     As in COCOeval, a number is -1 when there is nothing to measure it on: ``APs`` without small
     GT boxes, or a category's AP when the evaluated images hold no GT box of that category.
@@ -47,17 +72,25 @@ class CocoMetrics:
     stats: dict[str, float]
     summary: str
     per_class: list[tuple[str, float, float]]
+    voc: VocMetrics | None = None
 
     def per_class_table(self) -> str:
-        """One aligned row per category; categories without GT read 'no GT'."""
+        """One aligned row per category (with VOC's 11-point and all-point AP50 for VOC data); classes without GT
+        read 'no GT'."""
+        voc = self.voc.per_class if self.voc is not None else [()] * len(self.per_class)
+        columns = ["AP", "AP50"] + (["VOC07", "VOC"] if self.voc is not None else [])
         width = max([len("class")] + [len(name) for name, _, _ in self.per_class])
-        rows = [f"| {'class':<{width}} | {'AP':>6} | {'AP50':>6} |", f"|{'-' * (width + 2)}|--------|--------|"]
-        rows += [f"| {name:<{width}} | {_format_ap(ap)} | {_format_ap(ap50)} |" for name, ap, ap50 in self.per_class]
+        rows = [f"| {'class':<{width}} |" + "".join(f" {column:>6} |" for column in columns),
+                f"|{'-' * (width + 2)}|" + "--------|" * len(columns)]
+        rows += [f"| {name:<{width}} |" + "".join(f" {_format_ap(value)} |" for value in (ap, ap50, *voc_row[1:]))
+                 for (name, ap, ap50), voc_row in zip(self.per_class, voc)]
         return "\n".join(rows)
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict of everything above."""
         per_class = [{"class": name, "AP": ap, "AP50": ap50} for name, ap, ap50 in self.per_class]
+        for row, voc_row in zip(per_class, self.voc.per_class if self.voc is not None else []):
+            row.update(voc07_AP50=voc_row[1], voc_AP50=voc_row[2])
         return {"stats": dict(self.stats), "per_class": per_class, "summary": self.summary}
 
 
@@ -130,9 +163,11 @@ def _result_problem(entry: dict) -> str | None:
 
 
 def evaluate(
-    coco_gt, results: list[dict], backend: str = "pycocotools", image_ids: Iterable[int] | None = None
+    coco_gt, results: list[dict], backend: str = "pycocotools", image_ids: Iterable[int] | None = None,
+    voc: bool = False,
 ) -> CocoMetrics:
-    """Run COCOeval ``"bbox"`` on ``results`` against ``coco_gt`` (a ``pycocotools.coco.COCO``).
+    """Run COCOeval ``"bbox"`` on ``results`` against ``coco_gt`` (a ``pycocotools.coco.COCO``); with ``voc``, also
+    Pascal VOC's mAP@0.5 (:func:`voc_evaluate`, ``coco_gt``'s crowd regions being VOC's difficult objects).
 
     ``image_ids`` restricts evaluation to those images (when only part of a split was run). Empty
     ``results`` are evaluated as "no detections" rather than failing in ``loadRes``: AP/AR are then
@@ -152,7 +187,84 @@ def evaluate(
         cocoeval.summarize()
     summary = "\n".join(printed.getvalue().splitlines()[: len(STAT_NAMES)])  # faster_coco_eval adds AR50, AR75
     stats = {name: float(value) for name, value in zip(STAT_NAMES, cocoeval.stats)}
-    return CocoMetrics(stats=stats, summary=summary, per_class=_per_class(cocoeval, coco_gt))
+    voc_metrics = voc_evaluate(coco_gt, results, cocoeval.params.imgIds) if voc else None
+    if voc_metrics is not None:
+        stats.update(voc_metrics.stats)
+        summary += "\n" + voc_metrics.summary
+    return CocoMetrics(stats=stats, summary=summary, per_class=_per_class(cocoeval, coco_gt), voc=voc_metrics)
+
+
+def voc_evaluate(coco_gt, results: list[dict], image_ids: Iterable[int] | None = None,
+                 iou_threshold: float = 0.5) -> VocMetrics:
+    """Pascal VOC's AP per category of ``coco_gt`` (its crowd regions being VOC's difficult objects) for COCO
+    ``results`` on ``image_ids`` (default: all), as the devkit's ``VOCevaldet`` / ``voc_eval`` score them.
+
+    Per class, detections in descending score order (ties: in the order given) each take the GT box of their image
+    that overlaps them most. Overlapping it more than ``iou_threshold``, a detection is a hit if that box is not
+    difficult and not yet taken, a false positive (a duplicate) if taken, and neither if it is difficult; otherwise a
+    false positive. Recall counts the non-difficult boxes. AP: the 11-point mean of the best precision at recall
+    >= k / 10, k = 0..10 (the Python ports' ``np.arange(0, 1.1, 0.1)`` rounds 0.3, 0.6 and 0.7 one step up, so that a
+    recall of exactly 3/10 misses its point there), and the area under the precision envelope (all points). Boxes are
+    continuous ``[x, y, w, h]``: VOC's ``+ 1`` pixel convention on 1-based boxes gives the same overlaps (its box
+    ``xmin..xmax`` is ``[xmin - 1, xmax)`` here).
+    """
+    image_ids = set(coco_gt.getImgIds() if image_ids is None else image_ids)
+    per_class = []
+    for category_id in sorted(coco_gt.cats):
+        truth = {image_id: [a for a in coco_gt.imgToAnns[image_id] if a["category_id"] == category_id]
+                 for image_id in image_ids}
+        detections = [r for r in results if r["category_id"] == category_id and r["image_id"] in image_ids]
+        positives = sum(not a.get("iscrowd", 0) for boxes in truth.values() for a in boxes)
+        if positives == 0:
+            per_class.append((coco_gt.cats[category_id]["name"], -1.0, -1.0))
+            continue
+        hits = _voc_matches(detections, truth, iou_threshold)
+        counted = ~np.isnan(hits)
+        true_positives = np.cumsum(hits[counted] == 1)
+        recall = true_positives / positives
+        precision = true_positives / np.arange(1, counted.sum() + 1)
+        per_class.append((coco_gt.cats[category_id]["name"], voc_ap(recall, precision, eleven_point=True),
+                          voc_ap(recall, precision)))
+    return VocMetrics(per_class)
+
+
+def _voc_matches(detections: list[dict], truth: dict[int, list[dict]], iou_threshold: float) -> np.ndarray:
+    """Per detection, in descending score order: 1 (hit), 0 (false positive) or NaN (matched a difficult box).
+    Matches in one image do not depend on other images: each image's detections are matched in one go."""
+    order = np.argsort([-d["score"] for d in detections], kind="stable")
+    positions = {}
+    for position, index in enumerate(order):
+        positions.setdefault(detections[index]["image_id"], []).append(position)
+    hits = np.zeros(len(detections))
+    for image_id, ranked in positions.items():
+        anns = truth[image_id]
+        if not anns:
+            continue
+        boxes = [detections[order[position]]["bbox"] for position in ranked]
+        overlaps = box_iou(*(box_convert(torch.tensor(b, dtype=torch.float64), "xywh", "xyxy")
+                             for b in (boxes, [a["bbox"] for a in anns]))).numpy()
+        best = overlaps.argmax(axis=1)  # the first of equal overlaps, as the devkit's
+        best_overlap = overlaps[np.arange(len(best)), best]
+        taken = [False] * len(anns)
+        for position, overlap, box in zip(ranked, best_overlap.tolist(), best.tolist()):
+            if overlap <= iou_threshold:
+                continue
+            if anns[box].get("iscrowd", 0):
+                hits[position] = np.nan
+            elif not taken[box]:
+                hits[position], taken[box] = 1, True
+    return hits
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, eleven_point: bool = False) -> float:
+    """VOC's average precision of a ranked list's ``recall`` and ``precision`` after each counted detection:
+    11-point (VOC2007) or the area under the precision envelope (VOC2010 on); 0 for an empty list."""
+    if eleven_point:
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.arange(11) / 10]))
+    recall = np.concatenate(([0.0], recall, [1.0]))
+    envelope = np.maximum.accumulate(np.concatenate(([0.0], precision, [0.0]))[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * envelope[steps + 1]))
 
 
 def _backend(backend: str, coco_gt):
@@ -319,14 +431,14 @@ def detect_dataset(model, dataset, device, batch_size: int = 8, limit: int | Non
 def evaluate_model(model, dataset, device, batch_size: int = 8, limit: int | None = None, workers: int = 0,
                    backend: str = "pycocotools", output: Path | None = None, env=None,
                    label_to_category: Mapping[int, int] | None = None) -> CocoMetrics | None:
-    """COCO box metrics of ``model`` on the first ``limit`` images of a ``CocoDetection`` dataset (see
-    :func:`detect_dataset`; None on all but the first process); with ``output``, ``detections.json``,
-    ``metrics.txt`` and ``metrics.json`` are written there."""
+    """COCO box metrics (and VOC's mAP@0.5 on a ``VocDetection``) of ``model`` on the first ``limit`` images of a
+    ``CocoDetection`` dataset (see :func:`detect_dataset`; None on all but the first process); with ``output``,
+    ``detections.json``, ``metrics.txt`` and ``metrics.json`` are written there."""
     detected = detect_dataset(model, dataset, device, batch_size, limit, workers, env, label_to_category)
     if detected is None:
         return None
     results, image_ids = detected
-    metrics = evaluate(dataset.coco, results, backend=backend, image_ids=image_ids)
+    metrics = evaluate(dataset.coco, results, backend=backend, image_ids=image_ids, voc=dataset.voc_metric)
     if output is not None:
         save_results(results, Path(output) / "detections.json")
         (Path(output) / "metrics.txt").write_text(metrics.summary + "\n\n" + metrics.per_class_table() + "\n")

@@ -1,7 +1,6 @@
 """The built-in segmentation dataset: generated street scenes in the exact Cityscapes layout and naming."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,7 @@ from cityscapesscripts.helpers.labels import name2label
 from PIL import Image
 from tqdm import tqdm
 
-from ..data import DataError, default_data_root
-from ..files import write_once
+from ..data import default_data_root, generated_once
 from .cityscapes import ID_TO_TRAIN_ID, IMAGE_SUFFIX, LABEL_SUFFIX, PALETTE
 
 BUILTIN_CITIES = {"train": ("synthberg", "synthstadt"), "val": ("synthfurt",)}
@@ -124,18 +122,5 @@ def builtin_cityscapes(root: str | Path | None = None, num_train: int = 60, num_
     """
     root = Path(root).expanduser() if root is not None else default_data_root() / "builtin_cityscapes"
     settings = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
-    record = root / "builtin.json"
-    if not root.exists():
-        def write(folder: Path) -> None:
-            _write_builtin(folder, {"train": num_train, "val": num_val}, tuple(size), seed)
-            (folder / record.name).write_text(json.dumps(settings))
-
-        write_once(root, write)
-    try:
-        found = json.loads(record.read_text())
-    except (OSError, ValueError):
-        found = None
-    if found != settings:
-        raise DataError(f"{root} exists but is not the built-in Cityscapes set for these arguments ({settings}); "
-                        "delete it or pass another root")
-    return root
+    return generated_once(root, settings, lambda folder: _write_builtin(folder, {"train": num_train, "val": num_val},
+                                                                       tuple(size), seed), "Cityscapes")

@@ -75,10 +75,10 @@ class TrainConfig:
     freeze: str | None = option(None, "backbone: freeze the whole backbone (trainable_backbone_layers: 0)",
                                 one_of("backbone"))
     # data
-    dataset: str = option("builtin", "coco | builtin (detection); cityscapes | builtin (segmentation)",
-                          one_of("coco", "cityscapes", "builtin"))
-    data_root: str | None = option(None, "dataset root (coco, cityscapes)")
-    train_split: str = option("train2017", "training split (folder / annotation name)")
+    dataset: str = option("builtin", "coco | voc | builtin | builtin_voc (detection); cityscapes | builtin "
+                          "(segmentation)", one_of("coco", "voc", "cityscapes", "builtin", "builtin_voc"))
+    data_root: str | None = option(None, "dataset root (coco, cityscapes; voc: the VOC2012 or VOC2007 folder)")
+    train_split: str = option("train2017", "training split (COCO: folder / annotation name; VOC: ImageSets list)")
     val_split: str = option("val2017", "validation split")
     train_annotations: str | None = option(None, "COCO: an annotation JSON for training, any path (default: the "
                                                  "split's under data_root/annotations)")

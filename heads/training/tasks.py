@@ -13,6 +13,7 @@ from mbbackbones.choices import check_choice
 
 from .. import registry
 from ..data import DataError
+from ..voc import DATASETS as VOC_DATASETS
 from .config import ConfigError, TrainConfig
 from .distributed import Distributed, unwrap
 
@@ -59,11 +60,13 @@ class Task:
         if cfg.dataset not in cls.datasets_help:
             raise ConfigError(f"dataset: {cfg.dataset!r} is not a {cls.name} dataset; choose one of "
                               f"{', '.join(cls.datasets_help)}")
-        if cfg.dataset == "builtin" and cfg.data_root:
-            real = next(name for name in cls.datasets_help if name != "builtin")
-            raise ConfigError(f"data_root is {cfg.data_root} but dataset is builtin, which is generated under "
+        generated = not cls.datasets_help[cfg.dataset]
+        if generated and cfg.data_root:
+            real = [name for name, needs in cls.datasets_help.items() if needs]
+            real = next((name for name in real if cfg.dataset.endswith(f"_{name}")), real[0])  # builtin_voc: voc
+            raise ConfigError(f"data_root is {cfg.data_root} but dataset is {cfg.dataset}, which is generated under "
                               f"$MBBACKBONES_DATA; to train on {cfg.data_root}, set dataset: {real}")
-        if cfg.dataset != "builtin" and not cfg.data_root and not cls.explicit_paths(cfg):
+        if not generated and not cfg.data_root and not cls.explicit_paths(cfg):
             raise ConfigError(f"dataset: {cfg.dataset} needs data_root ({cls.datasets_help[cfg.dataset]})")
         if cfg.augment not in cls.policies:
             raise ConfigError(f"augment: {cfg.augment!r} is not a {cls.name} policy; choose one of "
@@ -98,20 +101,36 @@ class Task:
 
 
 class DetectionTask(Task):
-    """SSDLite on COCO (or a COCO-format folder) or the built-in COCO-format dataset."""
+    """SSDLite on COCO (or a COCO-format folder), Pascal VOC, or the built-in COCO-format or VOC-layout set."""
 
     name = "detection"
     main_metric = "AP"
-    datasets_help = {"coco": "the folder with train2017/, val2017/, annotations/", "builtin": ""}
+    datasets_help = {"coco": "the folder with train2017/, val2017/, annotations/",
+                     "voc": "the VOC2012 or VOC2007 folder with JPEGImages/, Annotations/, ImageSets/Main/",
+                     "builtin": "", "builtin_voc": ""}
     policies = {"ssdlite": dict(zoom_out=False, photometric=False), "ssd": {},
                 "none": dict(zoom_out=False, photometric=False, iou_crop=False, hflip=0.0)}
     outputs = ("detections.json", "metrics.txt", "metrics.json")
     tool = "tools/train_det.py"
     eval_tool = "tools/eval_det.py"
 
-    @staticmethod
-    def explicit_paths(cfg: TrainConfig) -> bool:
-        return all((cfg.train_images, cfg.train_annotations, cfg.val_images, cfg.val_annotations))
+    coco_keys = ("train_images", "train_annotations", "val_images", "val_annotations")  # any COCO-format folder
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        if cfg.dataset in VOC_DATASETS:
+            given = [key for key in cls.coco_keys if getattr(cfg, key)]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: COCO-format paths, but dataset is {cfg.dataset}, which reads "
+                                  "the VOC layout under data_root; remove them or set dataset: coco")
+            if cfg.label_mode != "contiguous":
+                raise ConfigError(f"label_mode: {cfg.label_mode} numbers COCO's categories; VOC's 20 classes are "
+                                  "labels 1..20, so remove it or set it to contiguous")
+        super().check(cfg)
+
+    @classmethod
+    def explicit_paths(cls, cfg: TrainConfig) -> bool:
+        return all(getattr(cfg, key) for key in cls.coco_keys)
 
     @classmethod
     def score(cls, metrics: dict) -> float | None:
@@ -119,21 +138,23 @@ class DetectionTask(Task):
         value = super().score(metrics)
         return value if value is None or value >= 0 else None
 
-    @staticmethod
-    def dataset(cfg: TrainConfig, train: bool):
+    @classmethod
+    def dataset(cls, cfg: TrainConfig, train: bool):
         from ..detection.builtin import builtin_coco
         from ..detection.coco import CocoDetection
         from ..detection.transforms import SSDTrainTransform
+        from ..detection.voc import VocDetection
+        from ..voc import builtin_voc
 
-        root = cfg.data_root if cfg.dataset == "coco" else builtin_coco()
-        common = dict(label_mode=cfg.label_mode, skip_corrupt=cfg.skip_corrupt)
-        if train:
-            transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **DetectionTask.policies[cfg.augment])
-            dataset = CocoDetection(root, cfg.train_split, transform=transform, train=True, image_dir=cfg.train_images,
-                                    annotation_file=cfg.train_annotations, **common)
+        split = cfg.train_split if train else cfg.val_split
+        transform = SSDTrainTransform(cfg.model_kwargs.get("size", 320), **cls.policies[cfg.augment]) if train else None
+        common = dict(transform=transform, train=train, skip_corrupt=cfg.skip_corrupt)
+        if cfg.dataset in VOC_DATASETS:
+            dataset = VocDetection(cfg.data_root if cfg.dataset == "voc" else builtin_voc(), split, **common)
         else:
-            dataset = CocoDetection(root, cfg.val_split, image_dir=cfg.val_images,
-                                    annotation_file=cfg.val_annotations, **common)
+            dataset = CocoDetection(cfg.data_root if cfg.dataset == "coco" else builtin_coco(), split,
+                                    label_mode=cfg.label_mode, image_dir=cfg.train_images if train else cfg.val_images,
+                                    annotation_file=cfg.train_annotations if train else cfg.val_annotations, **common)
         if not dataset.coco.anns:
             purpose = "train on" if train else "evaluate against"
             raise DataError(f"{dataset.annotation_file}: no annotations to {purpose}; training needs an instances "
