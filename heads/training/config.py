@@ -198,6 +198,9 @@ RECIPES = {
                          batch_size=4, epochs=1721, output="runs/segmentation"),
 }
 
+# the split names of datasets whose lists are not COCO's train2017 / val2017 (the TrainConfig defaults)
+DATASET_SPLITS = {name: dict(train_split="train", val_split="val") for name in ("voc", "builtin_voc")}
+
 
 def make_config(values: dict, source: str | dict[str, str] = "config") -> TrainConfig:
     """A validated ``TrainConfig`` from a mapping of field names to values, over the recipe of its task
@@ -210,7 +213,8 @@ def make_config(values: dict, source: str | dict[str, str] = "config") -> TrainC
         if key not in FIELDS:
             raise _unknown(key, where(key))
     task = check_value("task", values.get("task", FIELDS["task"].default), where("task"))
-    values = {**RECIPES[task], **values}
+    dataset = values.get("dataset", RECIPES[task].get("dataset", FIELDS["dataset"].default))
+    values = {**RECIPES[task], **DATASET_SPLITS.get(dataset, {}), **values}
     return TrainConfig(**{key: check_value(key, value, where(key)) for key, value in values.items()})
 
 

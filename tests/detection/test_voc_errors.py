@@ -158,7 +158,9 @@ def test_voc_configs_pass_the_checks():
     for name in ("ssdlite320_mbv3_large_voc.yaml", "ssdlite320_mbv3_large_builtin_voc.yaml"):
         cfg = load_config(root / name)
         DetectionTask.check(cfg)
-        assert (cfg.train_split, cfg.val_split) == ("train", "val")
+        assert (cfg.train_split, cfg.val_split) == ("train", "val")  # VOC's list names, without the keys set
+    assert load_config(None, dict(dataset="voc", data_root="VOC2012", val_split="trainval")).val_split == "trainval"
+    assert load_config(None, dict(dataset="coco", data_root="coco")).train_split == "train2017"
 
 
 def test_eval_tool_refuses_a_coco_label_mode_on_voc(tmp_path, capsys):
