@@ -355,8 +355,9 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     from .deploy.export import FORMATS, OPSET
 
     parser, source = _parser("Export a detector, segmenter or features_only backbone for a deployment runtime "
-                             "(BatchNorm folded, images in [0, 1] in, metadata inside), optionally as INT8, and "
-                             "check it against PyTorch.")
+                             "(BatchNorm folded, metadata inside; a detector's or segmenter's ONNX and OpenVINO "
+                             "files take RGB uint8 images and give the final detections or class mask), optionally "
+                             "as INT8, and check it against PyTorch.")
     source.add_argument("--backbone", help="a registered backbone to export as a features_only network")
     parser.add_argument("--backbone-weights", help="with --backbone: a local weights file")
     parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: the model's)")
@@ -367,6 +368,9 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
                         help="export size, S or H W (default: detection its own, segmentation 512 1024, backbone 224)")
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default and minimum {OPSET})")
     parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
+    parser.add_argument("--raw", action="store_true", help="the raw graph, without the post-processing: images in "
+                        "[0, 1] in, decoded boxes and class probabilities per default box (detection) or logits "
+                        "(segmentation) out; the default for ExecuTorch and LiteRT")
     parser.add_argument("--calibration", help="INT8 calibration and check images: a folder of images, or "
                         "'builtin' (the built-in set's validation images); default: the run's validation images "
                         "(from its config) for --int8, the package's sample photos for the fp32 check")
@@ -423,14 +427,15 @@ def _export(args) -> list[Path]:
     options = {} if args.opset is None else {"opset": args.opset}
     try:
         path = runtimes.export(model, args.out, format, int8=args.int8, calibration=batches if args.int8 else None,
-                               size=size, **options)
+                               size=size, postprocess=False if args.raw else None, **options)
         runtime = runtimes.load(path)
     except OSError as error:  # the --out path: a folder, a file where a folder should be, no permission
         where = f" ({error.filename})" if error.filename else ""
         raise ArgumentError(f"cannot write {args.out}: {error.strerror or error}{where}") from None
     precision = "INT8" if args.int8 else "fp32"
     source = f", calibrated on {len(batches)} images from {paths[0].parent}" if args.int8 else ""
-    print(f"wrote {path} ({format}, {precision}{source})")
+    inside = ", post-processing inside" if runtime.metadata["postprocessed"] else ""
+    print(f"wrote {path} ({format}, {precision}{inside}{source})")
     checks = runtimes.check(model, runtime, torch.from_numpy(np.concatenate(batches[:2])))
     print(f"check against PyTorch on {min(2, len(batches))} images: " + "; ".join(map(str, checks)))
     if not all(check.passed for check in checks):

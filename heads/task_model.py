@@ -40,7 +40,9 @@ class TaskModel(nn.Module):
     Class attributes:
         task: its kind, as the registry's table names it ('detection', 'segmentation').
         result_type: the :class:`heads.results.Result` of one image.
-        output_names: the names of :meth:`forward_batch`'s outputs (and of the exported graph's).
+        output_names: the names of :meth:`forward_batch`'s outputs (and of a raw exported graph's).
+        final_output_names: the names of :meth:`forward_postprocessed`'s outputs (and of an exported graph's with
+            the post-processing inside).
         class_layers: state-dict prefixes whose shapes follow ``num_classes`` (a new head re-initialises them).
         float_layers: submodules that INT8 exports keep in float where int8 kernels lose the ranking (LiteRT).
 
@@ -50,6 +52,7 @@ class TaskModel(nn.Module):
     task: str
     result_type: type
     output_names: tuple[str, ...]
+    final_output_names: tuple[str, ...]
     class_layers: tuple[str, ...]
     float_layers: tuple[str, ...] = ()
 
@@ -67,6 +70,11 @@ class TaskModel(nn.Module):
     def forward_batch(self, images: Tensor) -> tuple[Tensor, ...]:
         """The network on a batch [B, 3, H, W] (uint8, or float in [0, 1]) at its input size: plain tensors named
         :attr:`output_names`, ready for ``torch.export`` and ONNX."""
+        raise NotImplementedError
+
+    def forward_postprocessed(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The network and its post-processing on RGB uint8 images [B, H, W, 3] at the input size: plain tensors
+        named :attr:`final_output_names`, the results at the input size, ready for export."""
         raise NotImplementedError
 
     def settings(self) -> dict:
@@ -94,13 +102,15 @@ class TaskModel(nn.Module):
     @staticmethod
     def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
                 original_size: Sequence[int]) -> dict:
-        """One image's :attr:`result_type` fields from its :meth:`forward_batch` outputs (the batch dimension
-        removed), at ``original_size`` (H, W)."""
+        """One image's :attr:`result_type` fields from its outputs (the batch dimension removed), at
+        ``original_size`` (H, W): :meth:`forward_batch`'s, or :meth:`forward_postprocessed`'s where
+        ``meta["postprocessed"]`` says so (an exported file with its post-processing inside)."""
         raise NotImplementedError
 
     @staticmethod
     def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
-        """How a runtime's outputs ``got`` compare with PyTorch's ``expected`` (batches, at the input size)."""
+        """How a runtime's outputs ``got`` (of the kind ``meta`` says, see :meth:`results`) compare with PyTorch's
+        :meth:`forward_batch` outputs ``expected`` (batches, at the input size)."""
         raise NotImplementedError
 
 

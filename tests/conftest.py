@@ -52,14 +52,16 @@ def data_home(tmp_path_factory) -> Path:
         yield home
 
 
-def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit: int | None = None) -> bool:
-    """The same set of detections (label, score and box within ``tolerance``, :func:`detection_agreement` both ways):
-    float noise may swap the order of near-equal scores. ``limit``: the detections-per-image cap; where ``expected``
-    reaches it, near-ties at the cut-off (float noise decides those) are not compared."""
+def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit: int | None = None,
+                    box_tolerance: float | None = None) -> bool:
+    """The same set of detections (label, score within ``tolerance`` and box within ``box_tolerance`` pixels,
+    :func:`detection_agreement` both ways): float noise may swap the order of near-equal scores. ``limit``: the
+    detections-per-image cap; where ``expected`` reaches it, near-ties at the cut-off (float noise decides those) are
+    not compared."""
     cutoff = expected["scores"][-1] + tolerance if limit is not None and len(expected["scores"]) == limit else -1.0
     above = lambda d: {key: d[key][d["scores"] > cutoff] for key in ("boxes", "scores", "labels")}  # noqa: E731
-    return (detection_agreement(above(actual), expected, tolerance=tolerance) == 1 and
-            detection_agreement(above(expected), actual, tolerance=tolerance) == 1)
+    return (detection_agreement(above(actual), expected, tolerance=tolerance, box_tolerance=box_tolerance) == 1 and
+            detection_agreement(above(expected), actual, tolerance=tolerance, box_tolerance=box_tolerance) == 1)
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

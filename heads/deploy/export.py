@@ -1,6 +1,10 @@
 """Deployment graphs and the files they become: ONNX, OpenVINO IR, ExecuTorch (XNNPACK) and LiteRT, fp32 or INT8.
 
-Every exported graph is :class:`DeployGraph`: images float32 [B, 3, H, W] in [0, 1] (normalisation inside) ->
+Every exported graph is :class:`DeployGraph`. A task model's, by default, holds its post-processing too: RGB uint8
+images [B, H, W, 3] at the input size (the normalisation inside) -> its ``forward_postprocessed`` outputs, named by
+its ``final_output_names`` (SSDLite: the final ``boxes``, ``scores``, ``labels`` and ``count`` after threshold,
+per-class top-k, NMS and the detection cap; LR-ASPP: the class ``mask``). Raw graphs (``postprocess=False``, and
+always for classifiers and backbones) take images float32 [B, 3, H, W] in [0, 1] ->
 
 - a task model: its ``forward_batch`` outputs, named by its ``output_names`` (SSDLite: decoded ``boxes`` and class
   ``scores`` per default box; LR-ASPP: ``logits`` at the input size); its ``results`` post-process them;
@@ -44,6 +48,7 @@ from ..task_model import TaskModel, as_size
 OPSET = 17
 NETWORK_SIZE = (224, 224)  # export size of classifiers and backbones
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "tflite": ".tflite"}  # name -> file suffix
+POSTPROCESSED = ("onnx", "openvino")  # formats whose exports hold the post-processing by default
 EXTRAS = {"onnx": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "litert"}  # pip extras
 
 
@@ -112,56 +117,97 @@ def export_size(model: nn.Module, size: int | Sequence[int] | None = None) -> tu
     return as_size(NETWORK_SIZE if size is None else size)
 
 
-def output_names(model: nn.Module) -> list[str]:
+def postprocessed(model: nn.Module, postprocess: bool) -> bool:
+    """Whether the graph of ``model`` holds its post-processing: asked (``postprocess``) and a task model."""
+    return postprocess and isinstance(model, TaskModel)
+
+
+def output_names(model: nn.Module, postprocess: bool = False) -> list[str]:
     if isinstance(model, TaskModel):
-        return list(model.output_names)
+        return list(model.final_output_names if postprocess else model.output_names)
     if model_kind(model) == "classifier":
         return ["logits"]
     return [f"features{i}" for i in range(len(model.feature_info.channels()))]
 
 
 class DeployGraph(nn.Module):
-    """What is exported: images in [0, 1] -> a task model's ``forward_batch`` (which normalises), else the network
-    on its normalised input (:func:`normalizer`)."""
+    """What is exported: RGB uint8 images [B, H, W, 3] -> a task model's ``forward_postprocessed`` (``postprocess``);
+    else images in [0, 1] [B, 3, H, W] -> a task model's ``forward_batch`` (which normalises), or the network on its
+    normalised input (:func:`normalizer`)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, postprocess: bool = False):
         super().__init__()
         self.model = model
+        self.postprocess = postprocessed(model, postprocess)
         self.normalize = None if isinstance(model, TaskModel) else normalizer(model)
 
     def forward(self, images: Tensor):
+        if self.postprocess:
+            return self.model.forward_postprocessed(images)
         if self.normalize is None:
             return self.model.forward_batch(images)
         return self.model(self.normalize(images))
 
 
-def _example(model: nn.Module, size: tuple[int, int]) -> Tensor:
-    return torch.rand(1, 3, *size, device=next(model.parameters()).device)
+def _example(model: nn.Module, size: tuple[int, int], postprocess: bool = False) -> Tensor:
+    """One image as the graph takes it (:class:`DeployGraph`)."""
+    device = next(model.parameters()).device
+    if postprocessed(model, postprocess):
+        return torch.randint(0, 256, (1, *size, 3), dtype=torch.uint8, device=device)
+    return torch.rand(1, 3, *size, device=device)
+
+
+def graph_input(batch: np.ndarray, postprocess: bool) -> np.ndarray:
+    """A float32 [B, 3, H, W] batch in [0, 1] (:func:`model_input`) as a graph with its post-processing takes it:
+    RGB uint8 [B, H, W, 3] (rounded to the nearest level); ``batch`` itself for a raw graph."""
+    if not postprocess:
+        return batch
+    return np.ascontiguousarray((batch * 255).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def export_onnx(model: nn.Module, path: str | Path, size: int | Sequence[int] | None = None,
-                opset: int = OPSET) -> Path:
+                opset: int = OPSET, postprocess: bool = False) -> Path:
     """Export the :class:`DeployGraph` of a detector, segmenter, classifier or backbone (or a ``LoadedModel``) to
     ONNX, BatchNorm folded, traced on one image of ``size`` (:func:`export_size`) with the batch dynamic, and H, W
-    too where :func:`dynamic_size` allows; returns ``path``."""
+    too where :func:`dynamic_size` allows; with ``postprocess``, a task model's post-processing inside (ONNX's
+    ``NonMaxSuppression`` for detection); returns ``path``."""
     model = network(model)
     if opset < OPSET:
         raise ArgumentError(f"opset {opset} is too old: export needs {OPSET} or newer")
     require("onnx", "onnx")  # torch.onnx.export needs it
     size = export_size(model, size)
-    names = output_names(model)
-    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size(model) else {0: "batch"}
-    dynamic_axes = {"images": axes}
-    for name in names:
-        dynamic_axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} if len(axes) > 1 else {0: "batch"}
+    postprocess = postprocessed(model, postprocess)
+    names = output_names(model, postprocess)
+    spatial = (1, 2) if postprocess else (2, 3)  # H, W of [B, H, W, 3] or [B, 3, H, W]
+    dynamic_axes = {"images": {0: "batch", **({spatial[0]: "height", spatial[1]: "width"}
+                                              if dynamic_size(model) else {})}}
+    for name in names:  # outputs at the input size (logits, mask) have its H and W; detections the batch alone
+        dynamic_axes[name] = {0: "batch"}
+        if dynamic_size(model):
+            dynamic_axes[name].update({1: "height", 2: "width"} if postprocess else
+                                      {2: f"{name}_height", 3: f"{name}_width"})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    graph, example = DeployGraph(fold_batchnorm(model), postprocess), _example(model, size, postprocess)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic that is constant by construction
-        torch.onnx.export(DeployGraph(fold_batchnorm(model)), (_example(model, size),), str(path), dynamo=False,
-                          opset_version=opset, input_names=["images"], output_names=names, dynamic_axes=dynamic_axes,
-                          do_constant_folding=True)
+        outputs = graph(example)
+        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    if postprocess:  # the exporter leaves the detection cap of [B, D, ...] unnamed: the dims not dynamic are fixed
+        _fix_output_dims(path, [output.shape for output in outputs], dynamic_axes)
     return path
+
+
+def _fix_output_dims(path: Path, shapes: Sequence[Sequence[int]], dynamic_axes: dict) -> None:
+    """Write the ONNX file's output dimensions that are not ``dynamic_axes`` as the numbers in ``shapes``."""
+    onnx = require("onnx", "onnx")
+    graph_model = onnx.load(str(path))
+    for output, shape in zip(graph_model.graph.output, shapes):
+        for axis, (dim, size) in enumerate(zip(output.type.tensor_type.shape.dim, shape)):
+            if axis not in dynamic_axes[output.name]:
+                dim.dim_value = size
+    onnx.save(graph_model, str(path))
 
 
 # -- INT8 -------------------------------------------------------------------------------------------------------
@@ -275,19 +321,23 @@ class _Within:
 
 # -- the formats --------------------------------------------------------------------------------------------------
 
-def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], calibration=None, opset: int = OPSET) -> None:
+def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], calibration=None, postprocess: bool = False,
+               opset: int = OPSET) -> None:
     if calibration is None:
-        export_onnx(model, path, size, opset)
+        export_onnx(model, path, size, opset, postprocess)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_onnx(export_onnx(model, Path(tmp) / "fp32.onnx", size, opset), path, calibration)
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", size, opset, postprocess)
+        quantize_onnx(fp32, path, [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration])
 
 
-def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
-    """OpenVINO IR (``path`` .xml and its .bin) converted from the ONNX export; INT8 through NNCF."""
+def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
+                   postprocess: bool = False) -> None:
+    """OpenVINO IR (``path`` .xml and its .bin) converted from the ONNX export (its ``NonMaxSuppression`` becomes
+    OpenVINO's); INT8 through NNCF."""
     ov = require("openvino", "openvino")
     with tempfile.TemporaryDirectory() as tmp:
-        ir = ov.convert_model(str(export_onnx(model, Path(tmp) / "model.onnx", size)))
+        ir = ov.convert_model(str(export_onnx(model, Path(tmp) / "model.onnx", size, postprocess=postprocess)))
     if calibration is not None:
         nncf = require("nncf", "openvino")
         from nncf.common.logging.logger import nncf_logger
@@ -297,15 +347,17 @@ def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibrat
                  for op in ir.get_ordered_ops()}
         level = nncf_logger.level
         nncf.set_log_level(logging.WARNING)  # not a line per operator
+        batches = [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration]
         try:
-            ir = nncf.quantize(ir, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+            ir = nncf.quantize(ir, nncf.Dataset(batches), subset_size=len(batches),
                                ignored_scope=nncf.IgnoredScope(names=after_last_convolutions(nodes), validate=False))
         finally:
             nncf.set_log_level(level)
     ov.save_model(ir, str(path), compress_to_fp16=False)
 
 
-def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
+def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
+                     postprocess: bool = False) -> None:
     """An ExecuTorch program lowered to the XNNPACK delegate; INT8 through PT2E with the XNNPACK quantizer."""
     require("executorch", "executorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -325,7 +377,8 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
     path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
 
 
-def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None) -> None:
+def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
+                 postprocess: bool = False) -> None:
     """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer."""
     litert_torch = require("litert_torch", "tflite")
     graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()

@@ -11,6 +11,7 @@ import copy
 import glob
 import itertools
 import json
+import operator
 import os
 import time
 import warnings
@@ -164,8 +165,10 @@ class _Network:
             return tuple(self.call(images.to(self.device)))
 
 
-def check_settings(given: dict, settings: dict, name: str, task: str) -> dict:
-    """``given`` post-processing overrides, checked against the model's ``settings`` (its ``meta["postprocess"]``)."""
+def check_settings(given: dict, settings: dict, name: str, task: str, inside: bool = False) -> dict:
+    """``given`` post-processing overrides, checked against the model's ``settings`` (its ``meta["postprocess"]``);
+    ``inside``: an exported file that applies them itself, whose detections a higher score threshold or a lower
+    cap can only thin out."""
     unknown = [key for key in given if key not in settings]
     if unknown:
         raise ArgumentError(f"{', '.join(unknown)} are detection settings; {name} is a {task} model with "
@@ -176,6 +179,13 @@ def check_settings(given: dict, settings: dict, name: str, task: str) -> dict:
     count = given.get("detections_per_img")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
         raise ArgumentError(f"max_det={count} must be an integer of at least 1")
+    narrower = {"score_thresh": operator.ge, "detections_per_img": operator.le}  # (given, the file's): allowed
+    for key, value in given.items():
+        if inside and value != settings[key] and not (key in narrower and narrower[key](value, settings[key])):
+            option = "max_det" if key == "detections_per_img" else key
+            raise ArgumentError(f"{option}={value}: {name} applies its own post-processing ({option}="
+                                f"{settings[key]}), which only a higher score_thresh or a lower max_det can narrow; "
+                                "export it with --raw to choose the others when predicting")
     return given
 
 
@@ -222,7 +232,8 @@ class Predictor:
         given = {key: value for key, value in overrides.items() if value is not None}
         if given:
             settings = self.meta.setdefault("postprocess", {})
-            settings.update(check_settings(given, settings, self.meta["name"], self.task))
+            settings.update(check_settings(given, settings, self.meta["name"], self.task,
+                                           self.meta.get("postprocessed", False)))
             settings["topk_candidates"] = max(settings["topk_candidates"], settings["detections_per_img"])
         if score_thresh is not None:
             self.meta["draw_score"] = score_thresh

@@ -2,10 +2,11 @@
 
 The runtime follows from the file's suffix (:data:`FORMATS`): ONNX Runtime (.onnx), OpenVINO (.xml), ExecuTorch with
 the XNNPACK delegate (.pte) and LiteRT (.tflite). Each :class:`Runtime` maps images [B, 3, H, W] (uint8, or float32
-in [0, 1]) to the outputs of the PyTorch model (see :mod:`heads.deploy.export`): a task model's ``forward_batch``.
+in [0, 1] for a raw graph) to the outputs of the PyTorch model (see :mod:`heads.deploy.export`): a task model's
+``forward_postprocessed`` (the post-processing inside, the default where the format has it) or ``forward_batch``.
 
-Each file carries the model's metadata (``model.meta``, plus the format, precision and input size), written by
-:func:`write_metadata` and read by :func:`read_metadata`.
+Each file carries the model's metadata (``model.meta``, plus the format, precision, input size and layout, and
+whether the post-processing is inside), written by :func:`write_metadata` and read by :func:`read_metadata`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..task_model import Check, TaskModel
 from .export import (
     EXTRAS,
     FORMATS,
+    POSTPROCESSED,
     WRITERS,
     DeployGraph,
     dynamic_size,
@@ -35,6 +37,7 @@ from .export import (
     network,
     normalizer,
     output_names,
+    postprocessed,
     require,
 )
 
@@ -68,9 +71,11 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, int]) -> dict:
+def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, int],
+                    postprocess: bool = False) -> dict:
     """The metadata of an export: the model's ``meta`` (a task model's, see ``heads.registry.describe``; a
-    backbone's name, kind and normalisation) with the format, precision and input size (None: any)."""
+    backbone's name, kind and normalisation) with the format, precision, input size (None: any), the input's
+    layout and type, the output names and whether the post-processing is inside (``postprocessed``)."""
     meta = getattr(model, "meta", None)
     if meta is None:
         if isinstance(model, TaskModel):
@@ -82,13 +87,15 @@ def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, 
             meta = dict(name=model.pretrained_cfg.get("architecture"), task=model_kind(model),
                         mean=normalize.mean.flatten().tolist(), std=normalize.std.flatten().tolist())
     fixed = format in STATIC or not dynamic_size(model)
+    postprocess = postprocessed(model, postprocess)
     return {**meta, "format": format, "precision": "int8" if int8 else "fp32", "input_size": list(size) if fixed
-            else None, "outputs": output_names(model)}
+            else None, "outputs": output_names(model, postprocess), "postprocessed": postprocess,
+            "input_layout": "NHWC" if postprocess else "NCHW", "input_dtype": "uint8" if postprocess else "float32"}
 
 
 def export(model: nn.Module, path: str | Path, format: str | None = None, *, int8: bool = False,
            calibration: Iterable[np.ndarray] | None = None, size: int | Sequence[int] | None = None,
-           **options) -> Path:
+           postprocess: bool | None = None, **options) -> Path:
     """Export a detector, segmenter, classifier or backbone (or a ``LoadedModel``) and its metadata; returns
     ``path``.
 
@@ -99,6 +106,9 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
         int8: post-training static INT8 quantization, calibrated on ``calibration``: float32 [1, 3, H, W]
             batches in [0, 1] at the export size (``export.model_input``), from the task's own validation images.
         size: export size, S or (H, W) (default: SSDLite its own, segmentation 512x1024, backbones 224).
+        postprocess: a task model's post-processing inside the graph (RGB uint8 [B, H, W, 3] in, final detections
+            or the class mask out); False: the raw graph (images in [0, 1] in, ``forward_batch``'s outputs out);
+            None: True where the format has it (:data:`POSTPROCESSED`). Classifiers and backbones are always raw.
         options: for the format's writer (ONNX: ``opset``).
     """
     path = Path(path)
@@ -107,6 +117,11 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     check_choice("format", format, FORMATS)
     if path.suffix.lower() != FORMATS[format]:
         raise ArgumentError(f"{path}: {format} files end in {FORMATS[format]}")
+    if postprocess is None:
+        postprocess = format in POSTPROCESSED
+    if postprocess and format not in POSTPROCESSED:
+        raise ArgumentError(f"{format} files hold no post-processing yet (only {', '.join(POSTPROCESSED)}): export "
+                            "the raw graph (postprocess=False, tools/export.py --raw)")
     if int8 and calibration is None:
         raise ArgumentError("int8 export needs calibration images (the task's own validation images)")
     model = network(model)
@@ -119,8 +134,8 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        WRITERS[format](model, staged, size, calibration, **options)
-        write_metadata(staged, describe_export(model, format, int8, size))
+        WRITERS[format](model, staged, size, calibration, postprocess, **options)
+        write_metadata(staged, describe_export(model, format, int8, size, postprocess))
         for file in exported_files(staged):
             os.replace(file, path.parent / file.name)
     return path
@@ -211,7 +226,8 @@ def _reason(error: Exception) -> str:
 class Runtime:
     """An exported model in its runtime: ``runtime(images)`` -> the outputs as torch tensors.
 
-    ``images``: [B, 3, H, W], uint8 or float32 in [0, 1] (at ``metadata["input_size"]`` when it is not None).
+    ``images``: [B, 3, H, W], uint8 or (a raw graph) float32 in [0, 1], at ``metadata["input_size"]`` when it is not
+    None; :meth:`graph_input` turns them into what the file takes.
     """
 
     format: str
@@ -227,24 +243,30 @@ class Runtime:
     def task(self) -> str:
         return self.metadata["task"]
 
-    def _check(self, images: Tensor) -> None:
+    def graph_input(self, images: Tensor) -> np.ndarray:
+        """``images`` [B, 3, H, W] as the file's input: RGB uint8 [B, H, W, 3] where the post-processing is inside
+        (``metadata["input_layout"]``, ``["input_dtype"]``), float32 [B, 3, H, W] in [0, 1] for a raw graph (files
+        without these keys are raw); a wrong shape, size or type is a one-line ValueError."""
         size = self.metadata["input_size"]
-        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.float32:
-            raise ValueError(f"{self.path.name} takes float32 [B, 3, H, W] images in [0, 1], got {images.dtype} "
-                             f"{list(images.shape)}")
+        uint8 = self.metadata.get("input_dtype") == "uint8"
+        if images.dtype == torch.uint8 and not uint8:
+            images = images.float().div_(255)
+        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != (torch.uint8 if uint8 else torch.float32):
+            kind = "uint8 [B, 3, H, W] images" if uint8 else "float32 [B, 3, H, W] images in [0, 1]"
+            raise ValueError(f"{self.path.name} takes {kind}, got {images.dtype} {list(images.shape)}")
         if size is not None and list(images.shape[-2:]) != size:
             raise ValueError(f"{self.path.name} takes {size[0]}x{size[1]} (HxW) images, got "
                              f"{images.shape[-2]}x{images.shape[-1]}")
+        if self.metadata.get("input_layout") == "NHWC":
+            images = images.permute(0, 2, 3, 1)
+        return np.ascontiguousarray(images.detach().cpu().numpy())
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """The graph's outputs for a float32 [B, 3, H, W] array (B = 1 for single-image formats)."""
+        """The graph's outputs for an array as :meth:`graph_input` makes it (B = 1 for single-image formats)."""
         raise NotImplementedError
 
     def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        self._check(images)
-        array = np.ascontiguousarray(images.detach().cpu().numpy())
+        array = self.graph_input(images)
         if self.format in STATIC:
             outputs = [np.concatenate(parts) for parts in zip(*(self.run(array[i:i + 1]) for i in range(len(array))))]
         else:
@@ -377,11 +399,15 @@ INT8_COSINE = 0.95  # their INT8 files: cosine similarity of each output
 
 @torch.no_grad()
 def check(model: nn.Module, runtime: Runtime, images: Tensor) -> list[Check]:
-    """``runtime`` against the PyTorch ``model`` it was exported from, on ``images`` ([B, 3, H, W] in [0, 1]): a task
-    model's own :meth:`~heads.task_model.TaskModel.agreement`; for classifiers and backbones, the largest
-    difference of each output (fp32) or its cosine similarity (INT8)."""
+    """``runtime`` against the PyTorch ``model`` it was exported from, on ``images`` ([B, 3, H, W] in [0, 1]; rounded
+    to uint8 for a file that takes uint8), both running the graph the file holds: a task model's own
+    :meth:`~heads.task_model.TaskModel.agreement`; for classifiers and backbones, the largest difference of each
+    output (fp32) or its cosine similarity (INT8)."""
     model = network(model)
-    expected = DeployGraph(model)(images.to(next(model.parameters()).device))
+    if runtime.metadata.get("input_dtype") == "uint8":
+        images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    graph = DeployGraph(model, runtime.metadata.get("postprocessed", False))
+    expected = graph(torch.from_numpy(runtime.graph_input(images)).to(next(model.parameters()).device))
     expected = [e.cpu() for e in ([expected] if isinstance(expected, Tensor) else expected)]
     got = list(runtime(images.cpu()))
     int8 = runtime.metadata["precision"] == "int8"

@@ -62,6 +62,7 @@ class SSDLite(TaskModel):
     task = "detection"
     result_type = Detections
     output_names = ("boxes", "scores")
+    final_output_names = ("boxes", "scores", "labels", "count")
     class_layers = ("head.classification_head.",)
     # LiteRT's int8 classification convolutions lose the ranking of the class scores (score correlation 0.55 with
     # float, AP50 -1.1 on the built-in set)
@@ -173,6 +174,13 @@ class SSDLite(TaskModel):
         return self.decode(self.predict(batch), batch.shape[-2:])
 
     @torch.jit.unused
+    def forward_postprocessed(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Export path with the post-processing inside: RGB uint8 [B, size, size, 3] -> :func:`final_detections`
+        with this model's settings."""
+        boxes, scores = self.forward_batch(images.permute(0, 3, 1, 2))
+        return final_detections(boxes, scores, **self.settings())
+
+    @torch.jit.unused
     def settings(self) -> dict:
         """The settings of :func:`select_detections`, as the model's metadata records them."""
         return dict(score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
@@ -199,25 +207,45 @@ class SSDLite(TaskModel):
     @staticmethod
     def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
                 original_size: Sequence[int]) -> dict:
-        boxes, scores = outputs
-        found = select_detections(boxes, scores, tuple(original_size), int(input_size[0]), **meta["postprocess"])
+        """Detections in ``original_size`` pixels: :func:`select_detections` on :meth:`forward_batch`'s outputs, or
+        the first ``count`` of :meth:`forward_postprocessed`'s, of which a raised ``score_thresh`` or a lowered
+        ``detections_per_img`` keep fewer."""
+        settings = meta["postprocess"]
+        if meta.get("postprocessed"):
+            boxes, scores, labels, count = outputs
+            keep = (scores[:int(count)] > settings["score_thresh"]).nonzero().squeeze(1)
+            keep = keep[:settings["detections_per_img"]]
+            found = {"boxes": to_original(boxes[keep], tuple(original_size), int(input_size[0])),
+                     "scores": scores[keep], "labels": labels[keep].long()}
+        else:
+            found = select_detections(*outputs, tuple(original_size), int(input_size[0]), **settings)
         return {**{key: value.cpu() for key, value in found.items()}, "draw_score": meta.get("draw_score", DRAW_SCORE)}
 
     @staticmethod
     def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
-        """fp32: the largest box difference relative to the input size (fp32 rounding after the box decoding's
-        exponential is ~1e-2 px at 320) and the largest probability difference. INT8: the share of PyTorch's top
-        detections found in the runtime's (same label, IoU)."""
+        """fp32 raw outputs: the largest box difference relative to the input size (fp32 rounding after the box
+        decoding's exponential is ~1e-2 px at 320) and the largest probability difference; fp32 detections (the
+        post-processing inside): the share of the top detections, either way, found in the other's with the same
+        label, score and box (:data:`FP32_DETECTION`). INT8: the share of PyTorch's top detections found in the
+        runtime's (same label, IoU)."""
         size = meta["input_size"]
-        if not int8:
+        if not int8 and not meta.get("postprocessed"):
             return [Check("max |boxes difference| / input size", (got[0] - expected[0]).abs().max().item() / max(size),
                           FP32_BOX_TOLERANCE, True),
                     Check("max |scores difference|", (got[1] - expected[1]).abs().max().item(), FP32_SCORE_TOLERANCE,
                           True)]
-        top, among, iou, limit = INT8_DETECTION
         pick = lambda outputs, i: SSDLite.results([o[i] for o in outputs], meta, size, size)  # noqa: E731
-        shares = [detection_agreement(pick(expected, i), pick(got, i), top, among, iou) for i in range(len(got[0]))]
-        return [Check(f"top-{top} detections found in its top {among}", sum(shares) / len(shares), limit, False)]
+        pairs = [(pick(expected, i), pick(got, i)) for i in range(len(got[0]))]
+        if int8:
+            top, among, iou, limit = INT8_DETECTION
+            shares = [detection_agreement(theirs, ours, top, among, iou) for theirs, ours in pairs]
+            return [Check(f"top-{top} detections found in its top {among}", sum(shares) / len(shares), limit, False)]
+        top, tolerance, box_tolerance = FP32_DETECTION
+        shares = [min(detection_agreement(theirs, ours, top, tolerance=tolerance, box_tolerance=box_tolerance),
+                      detection_agreement(ours, theirs, top, tolerance=tolerance, box_tolerance=box_tolerance))
+                  for theirs, ours in pairs]
+        return [Check(f"top-{top} detections found in the other's (score within {tolerance:g}, box within "
+                      f"{box_tolerance:g} px)", min(shares), 1.0, False)]
 
     def select(self, boxes: Tensor, scores: Tensor, original_size: Tuple[int, int]) -> Dict[str, Tensor]:
         """One image's detections from :meth:`forward_batch`'s outputs: :func:`select_detections` with this
@@ -281,14 +309,16 @@ class SSDLite(TaskModel):
 
 FP32_BOX_TOLERANCE = 1e-4  # of the input size: 0.032 px at 320
 FP32_SCORE_TOLERANCE = 1e-4
+FP32_DETECTION = (100, 1e-4, 1e-2)  # the top 100, either way: score within 1e-4, box coordinates within 1e-2 px
 INT8_DETECTION = (10, 30, 0.5, 0.7)  # PyTorch's top 10 found in the runtime's top 30 (same label, IoU >= 0.5): 70%
 
 
 def detection_agreement(expected: dict, got: dict, top: Optional[int] = None, among: Optional[int] = None,
-                        iou: float = 0.5, tolerance: Optional[float] = None) -> float:
+                        iou: float = 0.5, tolerance: Optional[float] = None,
+                        box_tolerance: Optional[float] = None) -> float:
     """The share of ``expected``'s first ``top`` detections (all: None) that ``got``'s first ``among`` hold: the same
-    label and a box of IoU >= ``iou``; or, with ``tolerance``, the score and each box coordinate (in thousands of
-    pixels) within ``tolerance``. 1 when ``expected`` has none."""
+    label and a box of IoU >= ``iou``; or, with ``tolerance``, the score within ``tolerance`` and each box coordinate
+    within ``box_tolerance`` pixels (default: ``1e3 * tolerance``). 1 when ``expected`` has none."""
     expected = {key: expected[key][:top] for key in ("boxes", "scores", "labels")}
     got = {key: got[key][:among] for key in ("boxes", "scores", "labels")}
     if not len(expected["labels"]):
@@ -297,8 +327,9 @@ def detection_agreement(expected: dict, got: dict, top: Optional[int] = None, am
     if tolerance is None:
         same &= box_iou(expected["boxes"], got["boxes"]) >= iou
     else:
-        rows = lambda d: torch.cat([d["scores"][:, None], d["boxes"] / 1e3], 1)  # noqa: E731
-        same &= torch.cdist(rows(expected), rows(got), p=float("inf")) <= tolerance
+        box_tolerance = 1e3 * tolerance if box_tolerance is None else box_tolerance
+        rows = lambda d: torch.cat([d["scores"][:, None] / tolerance, d["boxes"] / box_tolerance], 1)  # noqa: E731
+        same &= torch.cdist(rows(expected), rows(got), p=float("inf")) <= 1
     return same.any(1).float().mean().item()
 
 
@@ -324,9 +355,14 @@ def select_detections(boxes: Tensor, scores: Tensor, original_size: Tuple[int, i
         candidate_scores = per_class[label, index]
     candidates, labels = boxes[anchors[index]], label + 1
     kept = greedy_nms(candidates, candidate_scores, labels, nms_thresh, detections_per_img)
+    return {"boxes": to_original(candidates[kept], original_size, size), "scores": candidate_scores[kept],
+            "labels": labels[kept]}
+
+
+def to_original(boxes: Tensor, original_size: Tuple[int, int], size: int) -> Tensor:
+    """Boxes in ``size`` x ``size`` input pixels scaled to an image of ``original_size`` (H, W)."""
     height, width = original_size
-    scale = torch.tensor([width / size, height / size], dtype=boxes.dtype, device=boxes.device).repeat(2)
-    return {"boxes": candidates[kept] * scale, "scores": candidate_scores[kept], "labels": labels[kept]}
+    return boxes * torch.tensor([width / size, height / size], dtype=boxes.dtype, device=boxes.device).repeat(2)
 
 
 def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float, keep: int) -> Tensor:
@@ -344,6 +380,58 @@ def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
         best = scores.topk(min(count, scores.numel())).indices
         kept = batched_nms(boxes[best], scores[best], labels[best], iou_thresh)
     return best[kept[:keep]]
+
+
+def final_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, topk_candidates: int,
+                     detections_per_img: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The detections of a batch, as :func:`select_detections` finds them, in tensor operations that export with
+    ONNX's ``NonMaxSuppression`` (:class:`ClassNMS`): from decoded boxes [B, A, 4] and probabilities [B, A, C] to
+    ``boxes`` [B, D, 4] (xyxy, input pixels), ``scores`` [B, D], ``labels`` [B, D] (int32) and ``count`` [B] (int32),
+    ``D = detections_per_img``, each image's best first; entries past its ``count`` are zeros.
+    """
+    foreground = scores[..., 1:].transpose(1, 2)  # [B, C - 1, A]
+    top = foreground.topk(min(topk_candidates, foreground.shape[-1]), dim=2).indices
+    candidates = torch.zeros_like(foreground).scatter(2, top, foreground.gather(2, top))  # each class's top-k only
+    image, label, anchor = ClassNMS.apply(boxes, candidates, detections_per_img, nms_thresh, score_thresh).unbind(1)
+    # each image's best: the top of a row that holds its survivors' scores, -1 elsewhere and in D padding columns
+    owner = image[None] == torch.arange(boxes.shape[0], device=boxes.device)[:, None]
+    rows = torch.where(owner, candidates[image, label, anchor], torch.tensor(-1.0, device=boxes.device))
+    best, order = torch.cat([rows, rows.new_full([rows.shape[0], detections_per_img], -1.0)], 1).topk(
+        detections_per_img, dim=1)
+    found = best >= 0
+    padded_boxes = torch.cat([boxes[image, anchor], boxes.new_zeros([detections_per_img, 4])])
+    padded_labels = torch.cat([label + 1, label.new_zeros([detections_per_img])])
+    return (padded_boxes[order] * found[..., None], best.clamp(min=0), (padded_labels[order] * found).int(),
+            found.sum(1).int())
+
+
+class ClassNMS(torch.autograd.Function):
+    """ONNX's ``NonMaxSuppression`` (exported as that operator; in PyTorch, :func:`class_nms`)."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: float,
+                score_thresh: float) -> Tensor:
+        return class_nms(boxes, scores, max_per_class, iou_thresh, score_thresh)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_class: int, iou_thresh: float, score_thresh: float):
+        constant = lambda value, dtype: g.op("Constant", value_t=torch.tensor([value], dtype=dtype))  # noqa: E731
+        return g.op("NonMaxSuppression", boxes, scores, constant(max_per_class, torch.int64),
+                    constant(iou_thresh, torch.float32), constant(score_thresh, torch.float32))
+
+
+def class_nms(boxes: Tensor, scores: Tensor, max_per_class: int, iou_thresh: float, score_thresh: float) -> Tensor:
+    """What ONNX's ``NonMaxSuppression`` selects, by torchvision's NMS: of boxes [B, N, 4] (xyxy) and scores
+    [B, C, N], per image and class the boxes over ``score_thresh`` that greedy NMS at ``iou_thresh`` keeps, at most
+    ``max_per_class`` each, as rows (image, class, box) [M, 3] ordered by image, class, then score."""
+    image, label, box = (scores > score_thresh).nonzero().unbind(1)
+    group = image * scores.shape[1] + label
+    kept = batched_nms(boxes[image, box], scores[image, label, box], group, iou_thresh)  # best first
+    kept = kept[group[kept].sort(stable=True).indices]  # grouped, best first within each group
+    groups = group[kept]
+    rank = torch.arange(len(kept), device=kept.device) - torch.searchsorted(groups, groups)
+    kept = kept[rank < max_per_class]
+    return torch.stack([image[kept], label[kept], box[kept]], 1)
 
 
 def torchvision_backbone_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -134,7 +134,7 @@ def test_op_breakdown_names_the_kernels(tmp_path):
     from heads.registry import create_model
 
     model = create_model("lraspp_mbv3_small_reduced").eval()
-    images = torch.rand(1, 3, 64, 128)
+    images = torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8)
     for format in QUICK.deploy_formats:
         runtime = runtimes.load(runtimes.export(model, tmp_path / f"m{runtimes.FORMATS[format]}", size=(64, 128)))
         times = op_breakdown(runtime, images, repeats=2)

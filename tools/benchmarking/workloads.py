@@ -422,8 +422,9 @@ def op_breakdown(runtime: Runtime, images: Tensor, repeats: int = 10) -> list[tu
     times: dict[str, float] = {}
     if isinstance(runtime, runtimes.OpenVinoRuntime):
         request = runtimes.OpenVinoRuntime(runtime.path, runtime.threads, config={"PERF_COUNT": True}).request
+        array = runtime.graph_input(images)
         for _ in range(repeats):
-            request.infer(images.numpy())
+            request.infer(array)
             for info in request.profiling_info:
                 key = f"{info.node_type} {info.exec_type}"
                 times[key] = times.get(key, 0.0) + info.real_time.total_seconds() * 1e3 / repeats
