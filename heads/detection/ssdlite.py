@@ -240,12 +240,12 @@ class SSDLite(TaskModel):
             top, among, iou, limit = INT8_DETECTION
             shares = [detection_agreement(theirs, ours, top, among, iou) for theirs, ours in pairs]
             return [Check(f"top-{top} detections found in its top {among}", sum(shares) / len(shares), limit, False)]
-        top, tolerance, box_tolerance = FP32_DETECTION
+        top, tolerance, box_tolerance, limit = FP32_DETECTION
         shares = [min(detection_agreement(theirs, ours, top, tolerance=tolerance, box_tolerance=box_tolerance),
                       detection_agreement(ours, theirs, top, tolerance=tolerance, box_tolerance=box_tolerance))
                   for theirs, ours in pairs]
         return [Check(f"top-{top} detections found in the other's (score within {tolerance:g}, box within "
-                      f"{box_tolerance:g} px)", min(shares), 1.0, False)]
+                      f"{box_tolerance:g} px)", min(shares), limit, False)]
 
     def select(self, boxes: Tensor, scores: Tensor, original_size: Tuple[int, int]) -> Dict[str, Tensor]:
         """One image's detections from :meth:`forward_batch`'s outputs: :func:`select_detections` with this
@@ -309,7 +309,10 @@ class SSDLite(TaskModel):
 
 FP32_BOX_TOLERANCE = 1e-4  # of the input size: 0.032 px at 320
 FP32_SCORE_TOLERANCE = 1e-4
-FP32_DETECTION = (100, 1e-4, 1e-2)  # the top 100, either way: score within 1e-4, box coordinates within 1e-2 px
+# the top 100, either way: score within 1e-4, box coordinates within 1e-2 px; 90% of them, as NMS keeps one of
+# candidates whose scores are equal to float noise in its own order, and what that one suppresses differs too: untrained
+# heads have many such (0.95 measured on random ones, 1.0 on a trained-like one)
+FP32_DETECTION = (100, 1e-4, 1e-2, 0.9)
 INT8_DETECTION = (10, 30, 0.5, 0.7)  # PyTorch's top 10 found in the runtime's top 30 (same label, IoU >= 0.5): 70%
 
 

@@ -1,4 +1,5 @@
-"""heads.Predictor on exported files: the runtime follows the file, pre- and post-processing are the PyTorch path's."""
+"""heads.Predictor on exported files, raw (as every file before the post-processing moved inside) and post-processed:
+the runtime follows the file, pre- and post-processing are the PyTorch path's (or the file's own)."""
 import numpy as np
 import pytest
 import torch
@@ -13,10 +14,11 @@ from heads.deploy.predictor import Predictor
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def exported(models, tmp_path_factory):  # noqa: F811
+@pytest.fixture(scope="module", params=[False, True], ids=["raw", "postprocessed"])
+def exported(models, tmp_path_factory, request):  # noqa: F811
     folder = tmp_path_factory.mktemp("exported")
-    return {name: runtimes.export(models[name], folder / f"{name}.onnx") for name in (DETECTOR, SEGMENTER)}
+    return {name: runtimes.export(models[name], folder / f"{name}.onnx", postprocess=request.param)
+            for name in (DETECTOR, SEGMENTER)}
 
 
 def test_an_exported_detector_predicts_what_pytorch_predicts(models, exported):  # noqa: F811
