@@ -51,3 +51,18 @@ def test_tools_take_exported_files(exported, tmp_path, capsys, photos):
         eval_det_main(["--weights", str(exported[SEGMENTER]), "--builtin"])
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "is a segmentation model; evaluate it with tools/eval_seg.py" in error
+
+
+def test_a_file_of_the_earlier_exporter_predicts_as_before(models, tmp_path):  # noqa: F811
+    """A raw file whose metadata predates the post-processing inside (no ``postprocessed``, ``input_layout``,
+    ``input_dtype``): the runtime feeds it float images in [0, 1], the Predictor post-processes its outputs."""
+    path = runtimes.export(models[DETECTOR], tmp_path / "earlier.onnx", postprocess=False)
+    metadata = runtimes.read_metadata(path)
+    for key in ("postprocessed", "input_layout", "input_dtype"):
+        del metadata[key]
+    runtimes.write_metadata(path, metadata)
+    image = read_image(SAMPLE_IMAGES["3dogs"])
+    ours, theirs = Predictor(path)(image)[0], Predictor(models[DETECTOR])(image)[0]
+    torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=0)
+    assert torch.equal(ours.labels, theirs.labels)
