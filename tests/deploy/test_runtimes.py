@@ -377,3 +377,16 @@ def test_export_tool_errors_are_one_line(argv, message, weights, tmp_path, capsy
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1
     assert message.format(tmp=tmp_path, weights=weights_file) in error
+
+
+@pytest.mark.parametrize("format", ["executorch", "tflite"])
+def test_the_predictor_resizes_photos_to_a_fixed_size_segmenter(format, models, exported):
+    """Fixed-size files take every photo at their own size; the mask comes back at the photo's."""
+    from heads.deploy.predictor import Predictor
+
+    photo, model = read_image(SAMPLE_IMAGES["kitten"]), models[SEGMENTER]
+    mask = Predictor(exported(format, SEGMENTER))(photo)[0].mask
+    with torch.no_grad():
+        small = model.forward_batch(torch.from_numpy(export.model_input(model, photo, SIZES[SEGMENTER])))[0]
+    expected = torch.nn.functional.interpolate(small.argmax(1, keepdim=True).float(), size=photo.shape[:2])[0, 0]
+    assert mask.shape == photo.shape[:2] and (torch.from_numpy(mask) == expected).float().mean() > 0.97
