@@ -162,7 +162,9 @@ class LRASPP(TaskModel):
     @staticmethod
     def input_size(meta: dict, height: int, width: int) -> tuple[int, int]:
         """The image's own size; the shorter side at ``meta["resize"]`` where the weights were trained so (the
-        published VOC weights: 520), and at most :data:`MAX_PIXELS` pixels."""
+        published VOC weights: 520), and at most :data:`MAX_PIXELS` pixels; a fixed-size file's own size."""
+        if meta.get("input_size"):
+            return tuple(meta["input_size"])
         if meta.get("resize"):
             scale = meta["resize"] / min(height, width)
             return round(height * scale), round(width * scale)
