@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .files import write_once
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what image folders are searched for
 _16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ORIENTATION = 0x0112  # the EXIF tag saying how to turn the stored pixels upright
 _TURNS = {  # orientation -> the turn, on H x W x C pixels (Pillow's ImageOps.exif_transpose, in numpy)

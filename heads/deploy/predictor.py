@@ -28,14 +28,11 @@ from torch import Tensor, nn
 
 from mbbackbones.choices import ArgumentError
 
-from ..data import DataError, read_image
+from ..data import IMAGE_SUFFIXES, DataError, read_image
 from ..files import atomic_write
 from ..loading import load
 from ..results import Result, Timings
 from .video import STOPPED, VIDEO_SUFFIXES, Video, VideoOutput, frame_stream, open_camera, open_video
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
 
 # -- sources -------------------------------------------------------------------------------------------------------
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from cityscapesscripts.helpers.labels import labels as OFFICIAL_LABELS
 from cityscapesscripts.helpers.labels import trainId2label
-from torch.utils.data import Dataset
 
-from ..data import DataError, open_image, read_image, split_item
+from ..data import DataError
+from .masks import IGNORE_INDEX, MaskDataset, listed, read_single_channel
 
-IGNORE_INDEX = 255
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -51,14 +49,10 @@ def read_label_ids(path: str | Path) -> np.ndarray:
     As cityscapesScripts does, the stored values are taken as they are (8 or 16 bits, palette indices included);
     a value outside the label table (ids 0..33) is an error naming the file, not a silently ignored pixel.
     """
-    ids = np.asarray(open_image(path, "label file"))
-    if ids.ndim != 2 or ids.dtype.kind not in "uib":
-        raise DataError(f"label file {path} must be a single-channel PNG of label ids, got shape {ids.shape} "
-                        f"{ids.dtype}")
+    ids = read_single_channel(path, "label file", "label ids")
     if ids.size and (ids.min() < 0 or ids.max() > MAX_LABEL_ID):
         unknown = np.unique(ids[(ids < 0) | (ids > MAX_LABEL_ID)]).tolist()
-        listed = f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
-        raise DataError(f"label file {path} holds label ids {listed} outside the Cityscapes label table "
+        raise DataError(f"label file {path} holds label ids {listed(unknown)} outside the Cityscapes label table "
                         f"(0..{MAX_LABEL_ID})")
     return ids.astype(np.uint8)
 
@@ -84,50 +78,26 @@ def _list_pairs(root: Path, split: str | None) -> list[tuple[Path, Path | None]]
     return pairs
 
 
-class Cityscapes(Dataset):
-    """Cityscapes images with 19-class train-id masks (255 = ignore).
+class Cityscapes(MaskDataset):
+    """Cityscapes images with 19-class train-id masks (255 = ignore), as :class:`MaskDataset` items.
 
     Images are found recursively under ``root/leftImg8bit/<split>`` (``split=None``: under ``root/leftImg8bit``)
     and each label at the same relative place under ``gtFine``. The ``test`` split may lack labels (the official
-    ones are all void): its masks are then all 255. Items are an index or an ``(index, seed)`` pair; they are
-    ``(image, mask)``: a uint8 3 x H x W tensor (the model's ``normalize`` turns it into its input) and an int64
-    H x W tensor of train ids.
+    ones are all void): its masks are then all 255. Label files hold label ids, mapped to train ids on reading.
     """
 
-    num_classes = NUM_CLASSES
-    ignore_index = IGNORE_INDEX
-    class_names = CLASS_NAMES
+    categories = CATEGORIES
 
     def __init__(self, root: str | Path, split: str | None = "train", transform=None):
         self.root = Path(root)
         self.split = split
-        self.transform = transform
-        self.files = _list_pairs(self.root, split)
+        super().__init__(_list_pairs(self.root, split), CLASS_NAMES, transform, location=str(self.root))
         self.stems = [image.name[:-len(IMAGE_SUFFIX)] for image, _ in self.files]  # <city>_<seq>_<frame>
 
-    def __len__(self) -> int:
-        return len(self.files)
+    @property
+    def dataset_ids(self) -> list[int]:
+        """The Cityscapes label id of each train id (for result files)."""
+        return TRAIN_ID_TO_ID[:NUM_CLASSES].tolist()
 
-    def image_paths(self) -> list[Path]:
-        """The image file of each sample, in order."""
-        return [image for image, _ in self.files]
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw sample: an H x W x 3 uint8 RGB image and its H x W uint8 train-id mask."""
-        image_path, label_path = self.files[index]
-        image = read_image(image_path)
-        if label_path is None:
-            return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        mask = ID_TO_TRAIN_ID[read_label_ids(label_path)]
-        if mask.shape != image.shape[:2]:
-            raise DataError(f"label {label_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
-                            f"{image.shape[1]}x{image.shape[0]} (width x height)")
-        return image, mask
-
-    def __getitem__(self, item) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = split_item(item)
-        image, mask = self.load(index)
-        if self.transform is not None:
-            image, mask = self.transform(image, mask, seed=seed)
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return image, torch.from_numpy(mask.astype(np.int64))
+    def read_mask(self, path: Path) -> np.ndarray:
+        return ID_TO_TRAIN_ID[read_label_ids(path)]

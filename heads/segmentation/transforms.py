@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 from mbbackbones.choices import ArgumentError
 
 from ..data import random_state
-from .cityscapes import IGNORE_INDEX
+from .masks import IGNORE_INDEX
 
 
 class SegTrainTransform:
