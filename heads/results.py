@@ -136,9 +136,9 @@ class Segmentation(Result):
 
     def plot(self, alpha: float = 0.5) -> np.ndarray:
         """The image with each class painted in its colour."""
-        from .visualize import overlay_mask
+        from .visualize import class_palette, overlay_mask
 
-        return np.asarray(overlay_mask(self.image, self.mask, palette(self.categories), alpha=alpha))
+        return np.asarray(overlay_mask(self.image, self.mask, class_palette(self.categories), alpha=alpha))
 
     def label_ids(self) -> np.ndarray:
         """The mask in the dataset's label ids (Cityscapes' for a Cityscapes model), for result files."""
@@ -161,14 +161,3 @@ class Segmentation(Result):
         with atomic_write(label_ids) as file:
             Image.fromarray(self.label_ids()).save(file, format="PNG")
 
-
-def palette(categories: list[str]) -> np.ndarray:
-    """Cityscapes' colours for its 19 classes, else a distinct colour per class."""
-    from .visualize import class_colour
-
-    if len(categories) == 19:
-        from .segmentation.cityscapes import CLASS_NAMES, PALETTE
-
-        if tuple(categories) == CLASS_NAMES:
-            return PALETTE
-    return np.array([class_colour(label) for label in range(256)], dtype=np.uint8)
