@@ -1,6 +1,7 @@
-"""Segmentation evaluation as the Cityscapes benchmark computes it: a confusion matrix over train ids, class and
-category IoU, label-id result files, a parity hook into cityscapesScripts' own evaluator, and the loop that
-scores a model on a dataset."""
+"""Segmentation evaluation as the Cityscapes benchmark computes it: a confusion matrix over class ids, IoU per class
+(under the dataset's class names) and per category (where the dataset groups its classes, as Cityscapes does),
+Cityscapes label-id result files, a parity hook into cityscapesScripts' own evaluator, and the loop that scores a
+model on a dataset."""
 from __future__ import annotations
 
 import copy
@@ -95,7 +96,8 @@ class SegMetrics:
 
 
 class ConfusionMatrix:
-    """An int64 ground-truth x prediction pixel count over train ids, accumulated batch by batch.
+    """An int64 ground-truth x prediction pixel count over class ids, accumulated batch by batch (by default over
+    Cityscapes' 19 train ids and their categories).
 
     ``matrix`` has one column more than classes: predictions equal to ``ignore_index`` (no class, e.g. a void
     label id in a prediction file) are counted there, as misses of the ground-truth class. ``categories`` gives
@@ -216,7 +218,7 @@ def evaluate_folder(pred_dir: str | Path, dataset) -> SegMetrics:
     if not pred_dir.is_dir():
         raise DataError(f"prediction folder not found: {pred_dir}")
     files = sorted(pred_dir.rglob("*.png"))
-    confusion = ConfusionMatrix(ignore_index=dataset.ignore_index)
+    confusion = ConfusionMatrix(dataset.class_names, dataset.categories, dataset.ignore_index)
     for stem, (image_path, label_path) in zip(dataset.stems, dataset.files):
         if label_path is None:
             raise DataError(f"no ground truth to score {image_path} against")
@@ -255,7 +257,7 @@ def check_categories(meta: dict, dataset) -> None:
     if (list(meta["categories"]) if named else meta["num_classes"]) != (list(dataset.class_names) if named else
                                                                           len(dataset.class_names)):
         raise DataError(f"{meta['name']} predicts {meta['num_classes']} classes ({', '.join(meta['categories'][:4])}, "
-                        f"...) but {dataset.root} holds {len(dataset.class_names)} "
+                        f"...) but {dataset.location} holds {len(dataset.class_names)} "
                         f"({', '.join(dataset.class_names[:4])}, ...): evaluate it on the data it was trained on")
 
 
@@ -268,7 +270,7 @@ def evaluate_model(model: nn.Module, dataset, device, limit: int | None = None, 
     Under torchrun (``env``, the engine's ``Distributed``) each process scores its share of the images and the
     confusion matrices are summed, so every process gets the metrics of the whole set.
     """
-    confusion = ConfusionMatrix(class_names=dataset.class_names, ignore_index=dataset.ignore_index, device=device)
+    confusion = ConfusionMatrix(dataset.class_names, dataset.categories, dataset.ignore_index, device=device)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(count) if env is None else env.shard(count)
     for index, pred, mask in _predictions(model, dataset, indices, device, workers, options):

@@ -43,6 +43,9 @@ POSITIVE = Rule(lambda value: value > 0, "> 0")
 FRACTION = Rule(lambda value: 0 < value < 1, "between 0 and 1 (exclusive)")
 DEVICE = Rule(lambda value: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None,
               "auto, cpu, mps, cuda or cuda:N")
+CLASS_NAMES = Rule(lambda value: isinstance(value, str) or all(isinstance(name, str) for name in value),
+                  "a list of names (quote those YAML reads as numbers or booleans: '1', 'yes', 'on') or the path of "
+                  "a text file with one name a line")
 SIZE = Rule(lambda value: len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                   for v in value), "two positive integers [height, width]")
 
@@ -75,16 +78,23 @@ class TrainConfig:
     freeze: str | None = option(None, "backbone: freeze the whole backbone (trainable_backbone_layers: 0)",
                                 one_of("backbone"))
     # data
-    dataset: str = option("builtin", "coco | voc | builtin | builtin_voc (detection); cityscapes | builtin "
-                          "(segmentation)", one_of("coco", "voc", "cityscapes", "builtin", "builtin_voc"))
+    dataset: str = option("builtin", "detection: coco | voc | builtin | builtin_voc; segmentation: cityscapes | masks "
+                                     "(image and mask folders, your classes) | builtin | builtin_masks",
+                          one_of("coco", "voc", "cityscapes", "masks", "builtin", "builtin_voc", "builtin_masks"))
     data_root: str | None = option(None, "dataset root (coco, cityscapes; voc: the VOC2012 or VOC2007 folder)")
     train_split: str = option("train2017", "training split (COCO: folder / annotation name; VOC: ImageSets list)")
     val_split: str = option("val2017", "validation split")
     train_annotations: str | None = option(None, "COCO: an annotation JSON for training, any path (default: the "
                                                  "split's under data_root/annotations)")
     val_annotations: str | None = option(None, "COCO: an annotation JSON for validation, any path")
-    train_images: str | None = option(None, "COCO: the training image folder, any path (default: data_root/split)")
-    val_images: str | None = option(None, "COCO: the validation image folder")
+    train_images: str | None = option(None, "the training image folder, any path (COCO: default data_root/split; "
+                                            "masks: each image pairs with the same-stem PNG of train_masks)")
+    val_images: str | None = option(None, "the validation image folder (COCO, masks)")
+    train_masks: str | None = option(None, "masks: the training mask folder: single-channel or palette PNGs of class "
+                                           "ids 0..N-1 (255: ignore), named as their images")
+    val_masks: str | None = option(None, "masks: the validation mask folder")
+    classes: list | str | None = option(None, "masks: the class names in id order, a list or a text file with one "
+                                              "name a line", CLASS_NAMES)
     label_mode: str = option("contiguous", "COCO labels: contiguous | coco91 (torchvision's 91 classes)",
                              one_of("contiguous", "coco91"))
     skip_corrupt: bool = option(False, "skip unreadable images (counted) instead of stopping", resumable=True)

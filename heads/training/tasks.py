@@ -36,7 +36,7 @@ class Task:
 
     name: str
     main_metric: str
-    datasets_help: dict[str, str]  # dataset name -> what data_root must hold ("" for builtin)
+    datasets_help: dict[str, str]  # dataset name -> what it needs ("" for a built-in one; builtin_x mirrors x)
     policies: dict  # augment name -> what it means for the task's transform
     outputs: tuple[str, ...]  # files an evaluation writes into the run folder
     tool: str  # the training tool
@@ -65,7 +65,8 @@ class Task:
             real = [name for name, needs in cls.datasets_help.items() if needs]
             real = next((name for name in real if cfg.dataset.endswith(f"_{name}")), real[0])  # builtin_voc: voc
             raise ConfigError(f"data_root is {cfg.data_root} but dataset is {cfg.dataset}, which is generated under "
-                              f"$MBBACKBONES_DATA; to train on {cfg.data_root}, set dataset: {real}")
+                              f"$MBBACKBONES_DATA; to train on {cfg.data_root}, set dataset: {real} "
+                              f"({cls.datasets_help[real]})")
         if not generated and not cfg.data_root and not cls.explicit_paths(cfg):
             raise ConfigError(f"dataset: {cfg.dataset} needs data_root ({cls.datasets_help[cfg.dataset]})")
         if cfg.augment not in cls.policies:
@@ -212,38 +213,66 @@ class DetectionTask(Task):
 
 
 class SegmentationTask(Task):
-    """LR-ASPP on Cityscapes (or a Cityscapes-layout folder) or the built-in Cityscapes-layout dataset."""
+    """LR-ASPP on Cityscapes (or a Cityscapes-layout folder), on image and mask folders of your own classes, or on
+    the built-in sets of either."""
 
     name = "segmentation"
     main_metric = "mIoU"
-    datasets_help = {"cityscapes": "the folder with leftImg8bit/ and gtFine/", "builtin": ""}
+    mask_keys = ("train_images", "train_masks", "val_images", "val_masks", "classes")  # what dataset: masks reads
+    datasets_help = {"cityscapes": "the folder with leftImg8bit/ and gtFine/",
+                     "masks": ", ".join(mask_keys[:-1]) + f" and {mask_keys[-1]}", "builtin": "", "builtin_masks": ""}
     policies = {"default": True, "none": False}
     outputs = ("metrics.txt", "metrics.json", "confusion.png")
     tool = "tools/train_seg.py"
     eval_tool = "tools/eval_seg.py"
 
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """The Task's checks, and the keys of ``dataset: masks``: all of them there, none of them elsewhere."""
+        super().check(cfg)
+        given = [key for key in cls.mask_keys if getattr(cfg, key) is not None]
+        if cfg.dataset != "masks" and given:
+            raise ConfigError(f"{', '.join(given)}: read by dataset: masks only, but dataset is {cfg.dataset}; set "
+                              "dataset: masks or remove them")
+        missing = [key for key in cls.mask_keys if key not in given]
+        if cfg.dataset == "masks" and missing:
+            raise ConfigError(f"dataset: masks needs {cls.datasets_help['masks']}; missing: {', '.join(missing)}")
+        if cfg.dataset == "masks" and cfg.data_root:
+            raise ConfigError(f"data_root is {cfg.data_root} but dataset: masks reads {cls.datasets_help['masks']}; "
+                              "remove data_root")
+
+    @staticmethod
+    def explicit_paths(cfg: TrainConfig) -> bool:
+        return cfg.dataset == "masks"
+
     @staticmethod
     def dataset(cfg: TrainConfig, train: bool):
-        from ..segmentation.builtin import builtin_cityscapes
+        from ..segmentation.builtin import builtin_cityscapes, builtin_masks
         from ..segmentation.cityscapes import Cityscapes
+        from ..segmentation.masks import MaskDataset
         from ..segmentation.transforms import SegTrainTransform
 
-        root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
-        if not train:
-            return Cityscapes(root, cfg.val_split)
-        transform = SegTrainTransform(crop_size=cfg.crop_size) if SegmentationTask.policies[cfg.augment] else None
-        return Cityscapes(root, cfg.train_split, transform=transform)
+        augment = train and SegmentationTask.policies[cfg.augment]
+        transform = SegTrainTransform(crop_size=cfg.crop_size) if augment else None
+        if cfg.dataset in ("cityscapes", "builtin"):
+            root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
+            return Cityscapes(root, cfg.train_split if train else cfg.val_split, transform=transform)
+        split = "train" if train else "val"
+        keys = (f"{split}_images", f"{split}_masks")
+        if cfg.dataset == "builtin_masks":
+            root = builtin_masks()
+            return MaskDataset.from_folders(root / "images" / split, root / "masks" / split, root / "classes.txt",
+                                            transform, keys)
+        return MaskDataset.from_folders(*(getattr(cfg, key) for key in keys), cfg.classes, transform, keys)
 
     @staticmethod
     def dataset_ids(dataset) -> list[int]:
-        """Cityscapes label id of each train id."""
-        from ..segmentation.cityscapes import TRAIN_ID_TO_ID
-
-        return TRAIN_ID_TO_ID[:dataset.num_classes].tolist()
+        """The value of each class in the dataset's label files (Cityscapes: its label ids)."""
+        return dataset.dataset_ids
 
     @staticmethod
     def data_location(dataset) -> str:
-        return str(dataset.root)
+        return dataset.location
 
     @staticmethod
     def collate(batch):
@@ -261,25 +290,27 @@ class SegmentationTask(Task):
 
     @staticmethod
     def evaluate(model: nn.Module, dataset, cfg: TrainConfig, env: Distributed, output: Path | None = None) -> dict:
-        """Cityscapes IoU of ``model`` on ``dataset``, shared out over the processes; the metrics on every one."""
+        """IoU of ``model`` on ``dataset`` per class (under the dataset's class names) and its mean, the category mean
+        where the dataset groups its classes (Cityscapes), shared out over the processes; the metrics on every one."""
         from ..segmentation.evaluate import evaluate_model
 
         metrics = evaluate_model(model, dataset, env.device, limit=cfg.eval_limit, output=output, workers=cfg.workers,
                                  env=env)
         if env.main:
             print(metrics.table())
-        return {"mIoU": metrics.miou, "category_mIoU": metrics.category_miou,
-                "pixel_accuracy": metrics.pixel_accuracy}
+        categories = {"category_mIoU": metrics.category_miou} if metrics.category_iou else {}
+        return {"mIoU": metrics.miou, **categories, "pixel_accuracy": metrics.pixel_accuracy}
 
     @staticmethod
     def pictures(model: nn.Module, dataset, device) -> list[np.ndarray]:
-        """The first validation images with the predicted classes overlaid in their Cityscapes colours."""
-        from ..segmentation.cityscapes import PALETTE
-        from ..visualize import overlay_mask
+        """The first validation images with the predicted classes overlaid in their colours (:func:`class_palette`)."""
+        from ..visualize import class_palette, overlay_mask
+
+        palette = class_palette(dataset.class_names)
 
         def draw(image: Tensor):
             mask = model.forward_batch(image[None].to(device))[0][0].argmax(0).cpu().numpy()
-            return overlay_mask(image.permute(1, 2, 0).numpy(), mask, PALETTE)
+            return overlay_mask(image.permute(1, 2, 0).numpy(), mask, palette)
         return first_pictures(model, dataset, draw)
 
 
