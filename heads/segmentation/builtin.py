@@ -1,6 +1,8 @@
-"""The built-in segmentation dataset: generated street scenes in the exact Cityscapes layout and naming."""
+"""The built-in segmentation datasets: street scenes in the exact Cityscapes layout and naming, and shapes on
+textured backgrounds as image and mask folders of three named classes."""
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data import default_data_root, generated_once
+from ..visualize import label_colormap
 from .cityscapes import ID_TO_TRAIN_ID, IMAGE_SUFFIX, LABEL_SUFFIX, PALETTE
+from .masks import IGNORE_INDEX
 
 BUILTIN_CITIES = {"train": ("synthberg", "synthstadt"), "val": ("synthfurt",)}
 _COLOURS = {  # label name: (base RGB, per-pixel noise sigma)
@@ -124,3 +128,96 @@ def builtin_cityscapes(root: str | Path | None = None, num_train: int = 60, num_
     settings = {"num_train": num_train, "num_val": num_val, "size": list(size), "seed": seed}
     return generated_once(root, settings, lambda folder: _write_builtin(folder, {"train": num_train, "val": num_val},
                                                                        tuple(size), seed), "Cityscapes")
+
+
+
+# -- the built-in masks set: shapes on textured backgrounds, three named classes ----------------------------------
+
+MASK_CLASSES = ("background", "disk", "stripe")
+_BORDER = 1.0  # half-width in pixels of the ignore (255) ring drawn around each disk, as Pascal VOC marks borders
+
+
+def _colour(rng: np.random.Generator, hues: tuple[float, float], saturation: tuple[float, float]) -> np.ndarray:
+    hue = rng.uniform(*hues) % 1.0
+    return 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*saturation), rng.uniform(0.45, 1.0)))
+
+
+def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A float RGB background of any hue, muted: two colours mixed by smooth noise or in a checkerboard, plus
+    grain."""
+    low, high = (_colour(rng, (0, 1), (0.0, 0.35)) for _ in range(2))
+    if rng.random() < 0.7:
+        cells = rng.random((rng.integers(2, 6), rng.integers(2, 6)))
+        weight = np.asarray(Image.fromarray(cells.astype(np.float32)).resize((width, height), Image.BICUBIC))
+        weight = np.clip(weight, 0, 1)
+    else:
+        square = int(rng.integers(6, 20))
+        rows, cols = np.ogrid[:height, :width]
+        weight = ((rows // square + cols // square) % 2).astype(np.float32)
+    grain = rng.normal(0, rng.uniform(3, 15), (height, width, 3))
+    return low + (high - low) * weight[..., None] + grain
+
+
+def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image and its class ids: stripes crossing a textured background, disks over them, each disk outlined
+    by an ignore ring."""
+    image = _texture(rng, height, width)
+    ids = np.zeros((height, width), dtype=np.uint8)
+    rows, cols = np.ogrid[:height, :width]
+    short = min(height, width)
+    for _ in range(rng.choice([0, 1, 1, 2])):
+        angle, offset = rng.uniform(0, np.pi), rng.uniform(-0.3, 0.3) * short
+        distance = (cols - width / 2) * np.cos(angle) + (rows - height / 2) * np.sin(angle) - offset
+        band = np.abs(distance) < rng.uniform(0.04, 0.09) * short
+        ids[band] = MASK_CLASSES.index("stripe")
+        image[band] = _colour(rng, (0.3, 0.7), (0.4, 1.0)) + rng.normal(0, 4, (band.sum(), 3))  # greens, blues
+    for _ in range(rng.choice([0, 1, 2, 3, 4])):
+        radius = rng.uniform(0.08, 0.22) * short
+        centre_y, centre_x = rng.uniform(0, height), rng.uniform(0, width)
+        distance = np.hypot(rows - centre_y, cols - centre_x)
+        disk = distance < radius
+        shade = 1 - 0.3 * (distance[disk] / radius) ** 2  # lit from the front
+        ids[disk] = MASK_CLASSES.index("disk")
+        colour = _colour(rng, (-0.1, 0.2), (0.4, 1.0))  # reds, oranges, yellows
+        image[disk] = colour * shade[:, None] + rng.normal(0, 4, (disk.sum(), 3))
+        ids[np.abs(distance - radius) < _BORDER] = IGNORE_INDEX
+    return np.clip(image, 0, 255).astype(np.uint8), ids
+
+
+def _write_masks(root: Path, counts: dict[str, int], size_range: tuple[int, int], seed: int) -> None:
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in MASK_CLASSES))
+    palette = label_colormap().flatten().tolist()
+    sample = 0
+    for split, count in counts.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for index in tqdm(range(count), desc=f"writing the built-in masks {split}", unit="image"):
+            rng = np.random.default_rng([seed, sample])
+            sample += 1
+            image, ids = _shapes_scene(rng, *rng.integers(size_range[0], size_range[1] + 1, 2))
+            suffix = ".png" if index % 5 == 4 else ".jpg"  # mostly JPEG photos, some PNG ones: pairing is by stem
+            Image.fromarray(image).save(root / "images" / split / f"{index:04d}{suffix}", quality=92)
+            mask = Image.fromarray(ids)
+            if index % 2 == 0:  # every other mask a palette PNG, as Pascal VOC stores them
+                mask = mask.convert("P")
+                mask.putpalette(palette)
+            mask.save(root / "masks" / split / f"{index:04d}.png")
+
+
+def builtin_masks(root: str | Path | None = None, num_train: int = 160, num_val: int = 40,
+                  size_range: tuple[int, int] = (112, 176), seed: int = 0) -> Path:
+    """Generate (once) a masks dataset of three named classes and return its root::
+
+        root/classes.txt                    background, disk, stripe (one name a line)
+        root/images/{train,val}/0000.jpg    RGB photos (every fifth a PNG)
+        root/masks/{train,val}/0000.png     class ids 0..2, 255 on a ring around each disk (ignore)
+
+    Warm disks and cool stripes (hues that overlap at the edges of their ranges) over muted textured backgrounds
+    of any hue; every other mask is a palette PNG (Pascal VOC's colours, read as indices), the others
+    grayscale. Heights and widths are drawn from ``size_range``. The default root is
+    ``$MBBACKBONES_DATA/builtin_masks``; an existing set made with the same arguments is reused.
+    """
+    root = Path(root).expanduser() if root is not None else default_data_root() / "builtin_masks"
+    settings = {"num_train": num_train, "num_val": num_val, "size_range": list(size_range), "seed": seed}
+    return generated_once(root, settings, lambda folder: _write_masks(
+        folder, {"train": num_train, "val": num_val}, tuple(size_range), seed), "masks")
