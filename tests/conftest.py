@@ -126,3 +126,35 @@ def exif_jpeg(path: Path, orientation: int, width: int = 64, height: int = 48) -
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, exif=exif)
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+MASK_NAMES = ("background", "lane", "curb")
+
+
+def write_masks_set(root: Path, count: int = 4, size=(24, 32), seed: int = 0) -> dict:
+    """A masks set in the real layout: JPEG and PNG images (a noisy colour per class), palette and grayscale PNG masks
+    of ids 0..2 in 8 x 8 blocks with ignore pixels, a classes file (``size``: multiples of 8). Returns the folders
+    and the class ids written, by stem."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    written = {}
+    for index in range(count):
+        stem = f"frame_{index:03d}"
+        ids = np.kron(rng.integers(0, len(MASK_NAMES), (size[0] // 8, size[1] // 8)), np.ones((8, 8))).astype(np.uint8)
+        ids[0, :5] = 255  # ignore
+        ids[-1, -1] = 2
+        mask = Image.fromarray(ids)
+        if index % 2 == 0:  # a palette PNG whose colours say nothing of the ids: index 0 is white, 1 black
+            mask = mask.convert("P")
+            mask.putpalette([255, 255, 255, 0, 0, 0, 30, 200, 10] + [7] * (253 * 3))
+        mask.save(masks / f"{stem}.png")
+        colours = np.array([(90, 90, 90), (230, 230, 230), (200, 40, 40)] + [(0, 0, 0)] * 252 + [(90, 90, 90)])
+        image = Image.fromarray(np.clip(colours[ids] + rng.normal(0, 20, (*size, 3)), 0, 255).astype(np.uint8))
+        image.save(images / f"{stem}{'.jpg' if index % 2 else '.png'}")
+        written[stem] = ids
+    (root / "classes.txt").write_text("\n".join(MASK_NAMES) + "\n")
+    return {"images": images, "masks": masks, "classes": root / "classes.txt", "ids": written}
