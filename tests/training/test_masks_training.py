@@ -17,17 +17,9 @@ from heads.training.config import describe_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 VOC_COLOURS = np.array([(0, 0, 0), (128, 0, 0), (0, 128, 0)])  # Pascal VOC's colours of labels 0, 1, 2
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(task="segmentation", model="lraspp_mbv3_small_reduced", crop_size=[32, 32], batch_size=2, workers=0,
              optimizer="adam", lr=0.001, lr_batch=2, warmup_steps=0, bn_recalibrate=2, tensorboard=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as these small CPU runs go fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _masks_data(root: Path) -> dict:
