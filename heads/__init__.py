@@ -4,7 +4,8 @@ The public API is what ``__all__`` lists; the sub-packages are internal and may 
 
 - ``heads.detection``: SSDLite, the COCO and VOC readers, the built-in COCO-format set, SSD augmentation, COCO and
   VOC metrics.
-- ``heads.segmentation``: LR-ASPP, the Cityscapes reader, built-in scenes, augmentation, inference, metrics.
+- ``heads.segmentation``: LR-ASPP, the masks (your classes) and Cityscapes readers, built-in sets, augmentation,
+  inference, metrics.
 - ``heads.training``: the config, the one engine shared by both tasks, the tasks' hooks, the sampler, logs.
 - ``heads.deploy``: the predictor, BatchNorm folding, export and the runtimes of exported files.
 
