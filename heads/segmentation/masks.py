@@ -65,10 +65,10 @@ def read_classes(classes: str | os.PathLike | Sequence[str]) -> tuple[str, ...]:
     if empty:
         raise DataError(f"{source}: {where} {empty[0]} is empty; every class id 0..N-1 needs a name")
     if len(names) < 2:
-        raise DataError(f"{source} names {len(names)} class{'es' if len(names) != 1 else ''}; a segmenter needs at "
+        raise DataError(f"{source}: {len(names)} class name{'s' if len(names) != 1 else ''}; a segmenter needs at "
                         "least two (e.g. background and your class)")
     if len(names) > MAX_CLASSES:
-        raise DataError(f"{source} names {len(names)} classes; masks hold at most {MAX_CLASSES} (ids 0.."
+        raise DataError(f"{source}: {len(names)} class names; masks hold at most {MAX_CLASSES} (ids 0.."
                         f"{MAX_CLASSES - 1}, {IGNORE_INDEX} is ignore)")
     seen: dict[str, int] = {}
     for index, name in enumerate(names, start):

@@ -76,13 +76,13 @@ def test_classes_from_a_list_or_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "names 0 classes; a segmenter needs at least two"),
-    (b"\n\n", "names 0 classes"),
-    (b"background\n", "names 1 class; a segmenter needs at least two"),
+    (b"", ": 0 class names; a segmenter needs at least two"),
+    (b"\n\n", ": 0 class names"),
+    (b"background\n", ": 1 class name; a segmenter needs at least two"),
     (b"background\n\nlane\n", "line 2 is empty"),
     (b"background\nlane\ndisk\nlane\n", "'lane' is named twice (lines 2 and 4)"),
     (b"\xff\xfe\x00b\x00", "cannot be read as UTF-8 text"),
-    ("".join(f"c{i}\n" for i in range(256)).encode(), "names 256 classes; masks hold at most 255"),
+    ("".join(f"c{i}\n" for i in range(256)).encode(), ": 256 class names; masks hold at most 255"),
 ])
 def test_bad_classes_files_are_one_line(tmp_path, content, message):
     file = tmp_path / "classes.txt"

@@ -122,7 +122,7 @@ def _break(data: dict, case: str) -> dict:
     ("missing folder", ["--val_masks", "{tmp}/nowhere"], "error: val_masks: PNG mask folder {tmp}/nowhere not found"),
     ("empty folder", [], "error: val_images: no images (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff) in "
                          "{val_images}"),
-    ("empty classes", [], "error: classes file {classes} names 0 classes; a segmenter needs at least two"),
+    ("empty classes", [], "error: classes file {classes}: 0 class names; a segmenter needs at least two"),
     ("classes folder", ["--classes", "{tmp}"], "error: classes file {tmp} cannot be read as UTF-8 text: a folder"),
     ("duplicate names", ["--classes", "[road, lane, road]"], "error: classes: 'road' is named twice (ids 0 and 2)"),
     ("yaml boolean", ["--classes", "[road, on]"], "error: command line: classes must be a list of names (quote those "
