@@ -52,13 +52,13 @@ def test_segmentation_demo_config_trains_briefly(tmp_path):
 
 
 @pytest.mark.slow
-def test_masks_demo_config_reaches_its_miou_in_two_epochs(tmp_path):
-    """The built-in masks demo (LR-ASPP from scratch, three named classes) for 2 of its epochs: 80 steps. Measured
-    here: mIoU 0.804 (seed 0, this test's; 0.761 with seed 1); the floor leaves room for other CPUs' arithmetic."""
+def test_masks_demo_config_reaches_its_miou(tmp_path):
+    """The built-in masks demo (LR-ASPP from scratch, three named classes, two epochs: 80 steps) as it is. Measured
+    here: mIoU 0.804 (seed 0, as configured; 0.761 with --seed 1); the floor leaves room for other CPUs' arithmetic."""
     env = {**os.environ, "MBBACKBONES_DATA": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "tools/train_seg.py", "--config",
-                             "configs/lraspp_mbv3_large_builtin_masks.yaml", "--epochs", "2", "--output",
-                             str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+                             "configs/lraspp_mbv3_large_builtin_masks.yaml", "--output", str(tmp_path / "run")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert "done: 80 steps" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics["per_class_iou"]) == ["background", "disk", "stripe"] and metrics["category_iou"] == {}
