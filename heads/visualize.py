@@ -22,26 +22,17 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return round(255 * red), round(255 * green), round(255 * blue)
 
 
-def label_colormap(count: int = 256) -> np.ndarray:
-    """Pascal VOC's colour map: ``count`` x 3 uint8 RGB. Bits 0, 1 and 2 of a label set the top bits of red, green
-    and blue, bits 3-5 the next ones, and so on (0 black, 1 dark red, 2 dark green, ..., 255 VOC's cream border)."""
-    labels = np.arange(count)
-    colours = np.zeros((count, 3), dtype=np.uint8)
-    for level in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((labels >> (3 * level + channel) & 1) << (7 - level)).astype(np.uint8)
-    return colours
-
-
 def class_palette(class_names: Sequence[str]) -> np.ndarray:
-    """A 256 x 3 uint8 colour per class id of a segmenter: Cityscapes' own colours for its 19 classes, else
-    :func:`label_colormap` (Pascal VOC's colours for its 21 classes)."""
+    """A 256 x 3 uint8 colour per class id of a segmenter: Cityscapes' own colours for its 19 classes, else Pascal
+    VOC's colour map (:func:`heads.voc.palette`; VOC's own colours for its 21 classes)."""
     if len(class_names) == 19:  # read the Cityscapes tables only where they may apply
         from .segmentation.cityscapes import CLASS_NAMES, PALETTE
 
         if tuple(class_names) == CLASS_NAMES:
             return PALETTE
-    return label_colormap()
+    from .voc import palette
+
+    return palette()
 
 
 def text_colour(background: tuple[int, int, int]) -> str:

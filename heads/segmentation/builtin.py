@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data import default_data_root, generated_once
-from ..visualize import label_colormap
+from ..voc import palette
 from .cityscapes import ID_TO_TRAIN_ID, IMAGE_SUFFIX, LABEL_SUFFIX, PALETTE
 from .masks import IGNORE_INDEX
 
@@ -186,7 +186,7 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np
 
 def _write_masks(root: Path, counts: dict[str, int], size_range: tuple[int, int], seed: int) -> None:
     (root / "classes.txt").write_text("".join(f"{name}\n" for name in MASK_CLASSES))
-    palette = label_colormap().flatten().tolist()
+    colours = palette().ravel().tolist()
     sample = 0
     for split, count in counts.items():
         (root / "images" / split).mkdir(parents=True)
@@ -200,7 +200,7 @@ def _write_masks(root: Path, counts: dict[str, int], size_range: tuple[int, int]
             mask = Image.fromarray(ids)
             if index % 2 == 0:  # every other mask a palette PNG, as Pascal VOC stores them
                 mask = mask.convert("P")
-                mask.putpalette(palette)
+                mask.putpalette(colours)
             mask.save(root / "masks" / split / f"{index:04d}.png")
 
 

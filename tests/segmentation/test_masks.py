@@ -18,7 +18,8 @@ from heads.segmentation.evaluate import ConfusionMatrix, evaluate_model
 from heads.segmentation.masks import MaskDataset, pair_by_stem, read_classes
 from heads.segmentation.transforms import SegTrainTransform
 from heads.training.tasks import SegmentationTask
-from heads.visualize import class_palette, label_colormap
+from heads.visualize import class_palette
+from heads.voc import palette
 
 # Pascal VOC's colours of its 21 classes and of its border value 255 (the devkit's VOClabelcolormap), written out
 VOC_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128), (0, 128, 128),
@@ -125,7 +126,7 @@ def test_mask_values_outside_the_classes_name_the_file_and_values(masks_set):
 
 def test_colour_masks_and_size_mismatches_name_the_file(masks_set):
     path = masks_set["masks"] / "frame_001.png"
-    Image.fromarray(label_colormap()[masks_set["ids"]["frame_001"]]).save(path)  # an RGB colour mask
+    Image.fromarray(palette()[masks_set["ids"]["frame_001"]]).save(path)  # an RGB colour mask
     dataset = _dataset(masks_set)
     with pytest.raises(DataError, match=rf"^mask {path} must be a single-channel PNG of class ids, got shape "
                                         r"\(24, 32, 3\) uint8 \(colours: save the ids as a grayscale or palette PNG\)"):
@@ -183,7 +184,7 @@ def test_builtin_masks_layout(tmp_path):
         assert {dataset.load(i)[0].shape[:2] for i in range(count)} <= {(h, w) for h in range(48, 65)
                                                                          for w in range(48, 65)}
     palette_mask = next(mask for _, mask in dataset.files if Image.open(mask).mode == "P")
-    assert (np.array(Image.open(palette_mask).getpalette()).reshape(-1, 3) == label_colormap()).all()
+    assert (np.array(Image.open(palette_mask).getpalette()).reshape(-1, 3) == palette()).all()
 
 
 def test_builtin_masks_rings_of_ignore_surround_disks_only(tmp_path):
@@ -208,12 +209,10 @@ def test_builtin_masks_written_once_and_checked(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "home") == ["builtin_masks"]
 
 
-def test_label_colormap_is_pascal_vocs():
-    colours = label_colormap()
-    assert colours.shape == (256, 3) and colours.dtype == np.uint8
+def test_segmentation_colours_are_cityscapes_own_else_pascal_vocs():
+    assert class_palette(CLASS_NAMES) is PALETTE
+    colours = class_palette(NAMES)
     assert [tuple(c) for c in colours[:21].tolist()] == VOC_COLOURS and tuple(colours[255]) == VOC_BORDER
-    assert len({tuple(c) for c in colours.tolist()}) == 256
-    assert class_palette(CLASS_NAMES) is PALETTE and (class_palette(NAMES) == colours).all()
 
 
 def test_confusion_under_the_users_names_equals_sklearn():
