@@ -133,7 +133,7 @@ def _break(data: dict, case: str) -> dict:
     ("builtin_masks", ["--dataset", "builtin_masks", "--data_root", "/data/x", "--train_images", "null",
                        "--train_masks", "null", "--val_images", "null", "--val_masks", "null", "--classes", "null"],
      "error: data_root is /data/x but dataset is builtin_masks, which is generated under $MBBACKBONES_DATA; to "
-     "train on your data, set dataset: masks (train_images, train_masks, val_images, val_masks and classes)"),
+     "train on /data/x, set dataset: masks (train_images, train_masks, val_images, val_masks and classes)"),
     ("cityscapes", ["--dataset", "cityscapes", "--data_root", "/data/x"],
      "error: train_images, train_masks, val_images, val_masks, classes: read by dataset: masks only, but dataset is "
      "cityscapes; set dataset: masks or remove them"),
