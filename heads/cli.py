@@ -233,9 +233,13 @@ def eval_seg_main(argv: list[str] | None = None):
     """Cityscapes IoU of a model, or of a folder of label-id PNGs; returns the ``SegMetrics``."""
     from .segmentation.inference import MODES
 
-    parser, source = _parser("Evaluate a segmenter on Cityscapes (or the built-in set): IoU per class and category.")
+    parser, source = _parser("Evaluate a segmenter on Cityscapes, Pascal VOC or image and mask folders (or their "
+                             "built-in sets): IoU per class (and per category on Cityscapes).")
     source.add_argument("--predictions", type=Path, help="score this folder of <stem>*_labelIds.png files instead")
-    _add_data(parser, "val")
+    _add_data(parser, "val", "the split (masks: the folder under images/ and masks/)")
+    parser.add_argument("--dataset", choices=tuple(SEGMENTATION_LAYOUTS),
+                        help="the layout of --data-root (default: the run's, else cityscapes); masks: a folder "
+                             "holding images/<split>/, masks/<split>/ and classes.txt, as the built-in set")
     parser.add_argument("--mode", choices=MODES, default="whole")
     parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"), help="slide window")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide step (default: 2/3 crop)")
@@ -246,14 +250,39 @@ def eval_seg_main(argv: list[str] | None = None):
     return _run(parser, argv, _eval_seg)
 
 
+SEGMENTATION_LAYOUTS = {"cityscapes": "builtin", "voc": "builtin_voc", "masks": "builtin_masks"}  # -> built-in set
+
+
+def _segmentation_data(args, config):
+    """The validation set ``args`` name, in the layout of ``--dataset`` or of the run's ``config``."""
+    from .training.config import make_config
+    from .training.tasks import SegmentationTask
+
+    layout_of = {builtin: layout for layout, builtin in SEGMENTATION_LAYOUTS.items()}
+    trained_on = config.dataset if config is not None else "cityscapes"
+    layout = args.dataset or layout_of.get(trained_on, trained_on)
+    values = dict(task="segmentation", dataset=SEGMENTATION_LAYOUTS[layout] if args.builtin else layout,
+                  val_split=args.split)
+    if layout == "masks" and not args.builtin:
+        root = Path(args.data_root)
+        values.update(val_images=str(root / "images" / args.split), val_masks=str(root / "masks" / args.split),
+                      classes=str(root / "classes.txt"))
+    elif not args.builtin:
+        values["data_root"] = args.data_root
+    return SegmentationTask.dataset(make_config(values, "the command line"), train=False)
+
+
 def _eval_seg(args):
-    from .segmentation.builtin import builtin_cityscapes
     from .segmentation.cityscapes import Cityscapes
     from .segmentation.evaluate import check_categories, evaluate_folder, evaluate_model, plot_confusion
 
     if args.write_predictions and not args.out:
         raise ArgumentError("--write-predictions needs --out (the folder to write them to)")
-    dataset = Cityscapes(args.data_root or builtin_cityscapes(), args.split)
+    network, config = _network(args, "segmentation") if args.weights else (None, None)
+    dataset = _segmentation_data(args, config)
+    if (args.write_predictions or args.predictions) and not isinstance(dataset, Cityscapes):
+        raise ArgumentError("--write-predictions and --predictions read and write Cityscapes label-id PNGs: use them "
+                            "with --dataset cityscapes")
     # the first --limit samples, so that a model and --predictions are scored on the same files
     dataset.files, dataset.stems = dataset.files[:args.limit], dataset.stems[:args.limit]
     if args.predictions:
@@ -262,7 +291,6 @@ def _eval_seg(args):
             args.out.mkdir(parents=True, exist_ok=True)
             plot_confusion(metrics.confusion, dataset.class_names, args.out / "confusion.png")
     else:
-        network, _ = _network(args, "segmentation")
         check_categories(network.meta, dataset)
         metrics = evaluate_model(network, dataset, _device(args), output=args.out, write=args.write_predictions,
                                  mode=args.mode, crop=args.crop, stride=args.stride, flip=args.flip,

@@ -152,6 +152,18 @@ class MaskDataset(Dataset):
         return cls(pair_by_stem(image_dir, mask_dir, keys), classes, transform,
                    location=f"{image_dir} with masks {mask_dir}")
 
+    @classmethod
+    def from_voc(cls, root: str | os.PathLike, split: str, transform=None) -> MaskDataset:
+        """Pascal VOC's segmentation split: the ids of ``root/ImageSets/Segmentation/<split>.txt``, their
+        ``JPEGImages/<id>.jpg`` and ``SegmentationClass/<id>.png`` (palette PNGs, 255 the void borders), and VOC's 21
+        classes with the background at 0 (the label space of torchvision's VOC-labelled weights)."""
+        from ..voc import SEGMENTATION_CLASSES, split_ids
+
+        root = Path(root).expanduser()
+        ids = split_ids(root, "Segmentation", split, {"JPEGImages": ".jpg", "SegmentationClass": ".png"})
+        pairs = [(root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png") for i in ids]
+        return cls(pairs, SEGMENTATION_CLASSES, transform, location=f"{root} (ImageSets/Segmentation/{split}.txt)")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

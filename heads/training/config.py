@@ -79,7 +79,8 @@ class TrainConfig:
                                 one_of("backbone"))
     # data
     dataset: str = option("builtin", "detection: coco | voc | builtin | builtin_voc; segmentation: cityscapes | masks "
-                                     "(image and mask folders, your classes) | builtin | builtin_masks",
+                                     "(image and mask folders, your classes) | voc | builtin | builtin_masks | "
+                                     "builtin_voc",
                           one_of("coco", "voc", "cityscapes", "masks", "builtin", "builtin_voc", "builtin_masks"))
     data_root: str | None = option(None, "dataset root (coco, cityscapes; voc: the VOC2012 or VOC2007 folder)")
     train_split: str = option("train2017", "training split (COCO: folder / annotation name; VOC: ImageSets list)")

@@ -213,14 +213,17 @@ class DetectionTask(Task):
 
 
 class SegmentationTask(Task):
-    """LR-ASPP on Cityscapes (or a Cityscapes-layout folder), on image and mask folders of your own classes, or on
-    the built-in sets of either."""
+    """LR-ASPP on Cityscapes (or a Cityscapes-layout folder), on image and mask folders of your own classes, on Pascal
+    VOC, or on the built-in sets of each."""
 
     name = "segmentation"
     main_metric = "mIoU"
     mask_keys = ("train_images", "train_masks", "val_images", "val_masks", "classes")  # what dataset: masks reads
     datasets_help = {"cityscapes": "the folder with leftImg8bit/ and gtFine/",
-                     "masks": ", ".join(mask_keys[:-1]) + f" and {mask_keys[-1]}", "builtin": "", "builtin_masks": ""}
+                     "masks": ", ".join(mask_keys[:-1]) + f" and {mask_keys[-1]}",
+                     "voc": "the VOC2012 or VOC2007 folder with JPEGImages/, SegmentationClass/, "
+                            "ImageSets/Segmentation/",
+                     "builtin": "", "builtin_masks": "", "builtin_voc": ""}
     policies = {"default": True, "none": False}
     outputs = ("metrics.txt", "metrics.json", "confusion.png")
     tool = "tools/train_seg.py"
@@ -257,6 +260,11 @@ class SegmentationTask(Task):
         if cfg.dataset in ("cityscapes", "builtin"):
             root = cfg.data_root if cfg.dataset == "cityscapes" else builtin_cityscapes()
             return Cityscapes(root, cfg.train_split if train else cfg.val_split, transform=transform)
+        if cfg.dataset in ("voc", "builtin_voc"):
+            from ..voc import builtin_voc
+
+            root = cfg.data_root if cfg.dataset == "voc" else builtin_voc()
+            return MaskDataset.from_voc(root, cfg.train_split if train else cfg.val_split, transform)
         split = "train" if train else "val"
         keys = (f"{split}_images", f"{split}_masks")
         if cfg.dataset == "builtin_masks":

@@ -11,7 +11,7 @@ from conftest import MASK_NAMES, write_masks_set
 from PIL import Image
 
 import heads
-from heads.cli import train_main
+from heads.cli import eval_seg_main, train_main
 from heads.deploy.predictor import Predictor
 from heads.training.config import describe_fields
 
@@ -152,3 +152,17 @@ def test_bad_masks_input_is_one_line(case, overrides, message, tmp_path, capsys)
     assert exit_info.value.code == 2 and line.count("\n") == 1, error
     expected = message.format(**words).split("*")  # * stands for the number of the first sample read
     assert line.startswith(expected[0]) and all(part in line for part in expected[1:]), error
+
+
+def test_eval_tool_scores_the_run_on_its_layout(run, tmp_path):
+    """tools/eval_seg.py on a masks run reads the masks layout (images/<split>, masks/<split>, classes.txt) and gives
+    the run's own evaluation."""
+    config = yaml.safe_load((run.folder / "config.yaml").read_text())
+    for folder, source in (("images", config["val_images"]), ("masks", config["val_masks"])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "val").symlink_to(source)
+    (tmp_path / "classes.txt").symlink_to(config["classes"])
+    metrics = eval_seg_main(["--weights", str(run.folder), "--data-root", str(tmp_path)])
+    evaluated = yaml.safe_load((run.folder / "metrics.json").read_text())
+    assert metrics.per_class_iou == pytest.approx(evaluated["per_class_iou"], abs=1e-9)
+    assert list(metrics.per_class_iou) == list(MASK_NAMES)
