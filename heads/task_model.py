@@ -10,11 +10,14 @@ is post-processed by the same code as the PyTorch model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor, nn
 
 from mbbackbones.choices import ArgumentError
+
+if TYPE_CHECKING:
+    from .deploy.tflite_metadata import AppMetadata
 
 
 class Check(NamedTuple):
@@ -43,6 +46,8 @@ class TaskModel(nn.Module):
         output_names: the names of :meth:`forward_batch`'s outputs (and of a raw exported graph's).
         final_output_names: the names of :meth:`forward_postprocessed`'s outputs (and of an exported graph's with
             the post-processing inside).
+        app_output_names: the names of :meth:`forward_app`'s outputs (and of a LiteRT graph's with the
+            post-processing inside).
         class_layers: state-dict prefixes whose shapes follow ``num_classes`` (a new head re-initialises them).
         float_layers: submodules that INT8 exports keep in float where int8 kernels lose the ranking (LiteRT).
 
@@ -53,6 +58,7 @@ class TaskModel(nn.Module):
     result_type: type
     output_names: tuple[str, ...]
     final_output_names: tuple[str, ...]
+    app_output_names: tuple[str, ...]
     class_layers: tuple[str, ...]
     float_layers: tuple[str, ...] = ()
 
@@ -75,6 +81,16 @@ class TaskModel(nn.Module):
     def forward_postprocessed(self, images: Tensor) -> tuple[Tensor, ...]:
         """The network and its post-processing on RGB uint8 images [B, H, W, 3] at the input size: plain tensors
         named :attr:`final_output_names`, the results at the input size, ready for export."""
+        raise NotImplementedError
+
+    def forward_app(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The network and the post-processing that app tasks read (MediaPipe's ``ObjectDetector`` and
+        ``ImageSegmenter``) on RGB uint8 images [B, H, W, 3] at the input size: plain tensors named
+        :attr:`app_output_names`, in those tasks' convention, ready for export."""
+        raise NotImplementedError
+
+    def app_metadata(self, meta: dict) -> AppMetadata:
+        """The TFLite Model Metadata of :meth:`forward_app`'s graph for a file whose metadata is ``meta``."""
         raise NotImplementedError
 
     def settings(self) -> dict:
@@ -104,7 +120,8 @@ class TaskModel(nn.Module):
                 original_size: Sequence[int]) -> dict:
         """One image's :attr:`result_type` fields from its outputs (the batch dimension removed), at
         ``original_size`` (H, W): :meth:`forward_batch`'s, or :meth:`forward_postprocessed`'s where
-        ``meta["postprocessed"]`` says so (an exported file with its post-processing inside)."""
+        ``meta["postprocessed"]`` says so (an exported file with its post-processing inside), or
+        :meth:`forward_app`'s where ``meta["outputs"]`` names its outputs."""
         raise NotImplementedError
 
     @staticmethod

@@ -48,7 +48,8 @@ from ..task_model import TaskModel, as_size
 OPSET = 17
 NETWORK_SIZE = (224, 224)  # export size of classifiers and backbones
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "tflite": ".tflite"}  # name -> file suffix
-POSTPROCESSED = ("onnx", "openvino")  # formats whose exports hold the post-processing by default
+POSTPROCESSED = ("onnx", "openvino", "tflite")  # formats whose exports hold the post-processing by default
+APP = ("tflite",)  # formats whose post-processed graphs follow the app tasks' convention (``forward_app``)
 EXTRAS = {"onnx": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "litert"}  # pip extras
 
 
@@ -122,28 +123,32 @@ def postprocessed(model: nn.Module, postprocess: bool) -> bool:
     return postprocess and isinstance(model, TaskModel)
 
 
-def output_names(model: nn.Module, postprocess: bool = False) -> list[str]:
+def output_names(model: nn.Module, postprocess: bool = False, app: bool = False) -> list[str]:
     if isinstance(model, TaskModel):
-        return list(model.final_output_names if postprocess else model.output_names)
+        if postprocess:
+            return list(model.app_output_names if app else model.final_output_names)
+        return list(model.output_names)
     if model_kind(model) == "classifier":
         return ["logits"]
     return [f"features{i}" for i in range(len(model.feature_info.channels()))]
 
 
 class DeployGraph(nn.Module):
-    """What is exported: RGB uint8 images [B, H, W, 3] -> a task model's ``forward_postprocessed`` (``postprocess``);
-    else images in [0, 1] [B, 3, H, W] -> a task model's ``forward_batch`` (which normalises), or the network on its
-    normalised input (:func:`normalizer`)."""
+    """What is exported: RGB uint8 images [B, H, W, 3] -> a task model's ``forward_postprocessed`` (``postprocess``),
+    or its ``forward_app`` (``postprocess`` and ``app``: the outputs MediaPipe's tasks read); else images in [0, 1]
+    [B, 3, H, W] -> a task model's ``forward_batch`` (which normalises), or the network on its normalised input
+    (:func:`normalizer`)."""
 
-    def __init__(self, model: nn.Module, postprocess: bool = False):
+    def __init__(self, model: nn.Module, postprocess: bool = False, app: bool = False):
         super().__init__()
         self.model = model
         self.postprocess = postprocessed(model, postprocess)
+        self.app = app
         self.normalize = None if isinstance(model, TaskModel) else normalizer(model)
 
     def forward(self, images: Tensor):
         if self.postprocess:
-            return self.model.forward_postprocessed(images)
+            return self.model.forward_app(images) if self.app else self.model.forward_postprocessed(images)
         if self.normalize is None:
             return self.model.forward_batch(images)
         return self.model(self.normalize(images))
@@ -379,9 +384,11 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
 
 def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
                  postprocess: bool = False) -> None:
-    """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer."""
+    """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer. With
+    ``postprocess``, a task model's ``forward_app`` (what MediaPipe's tasks read)."""
     litert_torch = require("litert_torch", "tflite")
-    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
+    graph = DeployGraph(fold_batchnorm(model), postprocess, app=True).cpu().eval()
+    example = _example(model, size, postprocess).cpu()
     options = {}
     if calibration is not None:
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
@@ -389,7 +396,8 @@ def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibratio
 
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         float_layers = [f"model.{name}" for name in getattr(model, "float_layers", ())]  # the model says
-        graph = _pt2e_quantized(graph, example, quantizer, calibration, fold_quantize=False, float_layers=float_layers)
+        batches = [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration]
+        graph = _pt2e_quantized(graph, example, quantizer, batches, fold_quantize=False, float_layers=float_layers)
         options["quant_config"] = QuantConfig(pt2e_quantizer=quantizer)
     litert_torch.convert(graph, (example,), **options).export(str(path))
 

@@ -6,7 +6,9 @@ in [0, 1] for a raw graph) to the outputs of the PyTorch model (see :mod:`heads.
 ``forward_postprocessed`` (the post-processing inside, the default where the format has it) or ``forward_batch``.
 
 Each file carries the model's metadata (``model.meta``, plus the format, precision, input size and layout, and
-whether the post-processing is inside), written by :func:`write_metadata` and read by :func:`read_metadata`.
+whether the post-processing is inside), written by :func:`write_metadata` and read by :func:`read_metadata`. A LiteRT
+file with its post-processing inside also carries TFLite Model Metadata and its label file, so that MediaPipe's tasks
+load it with no more than its path (:mod:`heads.deploy.tflite_metadata`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from mbbackbones.checkpoint import CheckpointError
 from mbbackbones.choices import ArgumentError, check_choice
 
 from ..task_model import Check, TaskModel
+from . import tflite_metadata
 from .export import (
+    APP,
     EXTRAS,
     FORMATS,
     POSTPROCESSED,
@@ -46,6 +50,7 @@ __all__ = ["EXTRAS", "FORMATS", "Check", "Runtime", "check", "export", "exported
 
 METADATA_KEY = "mbbackbones"
 STATIC = ("executorch", "tflite")  # graphs of one image at the export size; a batch runs image by image
+SIDECAR = ("executorch",)  # formats whose metadata is a sidecar <file>.json (LiteRT's too, in files before 2026-12)
 
 
 def format_of(path: str | Path) -> str:
@@ -62,7 +67,7 @@ def exported_files(path: Path) -> list[Path]:
     format = format_of(path)
     if format == "openvino":
         return [path, path.with_suffix(".bin")]
-    if format in STATIC:
+    if format in SIDECAR:
         return [path, _sidecar(path)]
     return [path]
 
@@ -89,7 +94,7 @@ def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, 
     fixed = format in STATIC or not dynamic_size(model)
     postprocess = postprocessed(model, postprocess)
     return {**meta, "format": format, "precision": "int8" if int8 else "fp32", "input_size": list(size) if fixed
-            else None, "outputs": output_names(model, postprocess), "postprocessed": postprocess,
+            else None, "outputs": output_names(model, postprocess, format in APP), "postprocessed": postprocess,
             "input_layout": "NHWC" if postprocess else "NCHW", "input_dtype": "uint8" if postprocess else "float32"}
 
 
@@ -100,8 +105,8 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     ``path``.
 
     Args:
-        path: the file to write (OpenVINO also writes the .bin beside it; ExecuTorch and LiteRT a metadata
-            sidecar ``<file>.json``); it is replaced only once the export is complete.
+        path: the file to write (OpenVINO also writes the .bin beside it; ExecuTorch a metadata sidecar
+            ``<file>.json``); it is replaced only once the export is complete.
         format: a :data:`FORMATS` name; None: from the suffix of ``path``.
         int8: post-training static INT8 quantization, calibrated on ``calibration``: float32 [1, 3, H, W]
             batches in [0, 1] at the export size (``export.model_input``), from the task's own validation images.
@@ -135,7 +140,9 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
         WRITERS[format](model, staged, size, calibration, postprocess, **options)
-        write_metadata(staged, describe_export(model, format, int8, size, postprocess))
+        metadata = describe_export(model, format, int8, size, postprocess)
+        app = format in APP and metadata["postprocessed"]
+        write_metadata(staged, metadata, model.app_metadata(metadata) if app else None)
         for file in exported_files(staged):
             os.replace(file, path.parent / file.name)
     return path
@@ -143,9 +150,9 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
 
 # -- metadata -------------------------------------------------------------------------------------------------------
 
-def write_metadata(path: str | Path, metadata: dict) -> None:
-    """Store ``metadata`` (JSON) with an exported file: ONNX ``metadata_props``, OpenVINO ``rt_info``, a sidecar
-    ``<file>.json`` for ExecuTorch and LiteRT."""
+def write_metadata(path: str | Path, metadata: dict, app: tflite_metadata.AppMetadata | None = None) -> None:
+    """Store ``metadata`` (JSON) with an exported file: ONNX ``metadata_props``, OpenVINO ``rt_info``, LiteRT's
+    metadata list (with ``app``, its TFLite Model Metadata too), a sidecar ``<file>.json`` for ExecuTorch."""
     path, text = Path(path), json.dumps(metadata)
     format = format_of(path)
     if format == "onnx":
@@ -164,6 +171,8 @@ def write_metadata(path: str | Path, metadata: dict) -> None:
             del ir
             for file in exported_files(Path(tmp) / path.name):
                 shutil.move(file, path.parent / file.name)
+    elif format == "tflite":
+        tflite_metadata.embed(path, text, app)
     else:
         _sidecar(path).write_text(text)
 
@@ -175,7 +184,7 @@ def read_metadata(path: str | Path) -> dict:
     format = format_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"{format} model not found: {path}")
-    text = None
+    text, where = None, f" ({_sidecar(path).name} beside it)" if format in SIDECAR else ""
     if format == "onnx":
         onnx = require("onnx", format)
         from google.protobuf.message import DecodeError
@@ -197,9 +206,20 @@ def read_metadata(path: str | Path) -> dict:
             raise CheckpointError(f"{path} is not a readable OpenVINO model ({_reason(error)}): export it "
                                   "again") from None
         text = ir.get_rt_info([METADATA_KEY]).astype(str) if ir.has_rt_info([METADATA_KEY]) else None
+    elif format == "tflite":
+        try:
+            text = tflite_metadata.read_entry(path)
+        except ValueError as error:
+            raise CheckpointError(f"{path} is not a readable LiteRT model ({error}): export it again") from None
+        where = " (inside it)"
+        if text is not None:
+            text = text.decode(errors="replace")
+        elif _sidecar(path).is_file():  # files exported before the metadata went inside
+            text, where = _sidecar(path).read_text(), f" ({_sidecar(path).name} beside it)"
+        else:
+            where = f" (inside it, nor in {_sidecar(path).name} beside it)"
     elif _sidecar(path).is_file():
         text = _sidecar(path).read_text()
-    where = f" ({_sidecar(path).name} beside it)" if format in STATIC else ""
     if text is None:
         raise CheckpointError(f"{path} has no mbbackbones metadata{where}: it comes from another exporter or an older "
                               "version; export it again with tools/export.py")
@@ -406,7 +426,8 @@ def check(model: nn.Module, runtime: Runtime, images: Tensor) -> list[Check]:
     model = network(model)
     if runtime.metadata.get("input_dtype") == "uint8":
         images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    graph = DeployGraph(model, runtime.metadata.get("postprocessed", False))
+    postprocess = runtime.metadata.get("postprocessed", False)
+    graph = DeployGraph(model, postprocess, app=postprocess and runtime.format in APP)
     expected = graph(torch.from_numpy(runtime.graph_input(images)).to(next(model.parameters()).device))
     expected = [e.cpu() for e in ([expected] if isinstance(expected, Tensor) else expected)]
     got = list(runtime(images.cpu()))

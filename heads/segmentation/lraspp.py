@@ -13,6 +13,7 @@ from mbbackbones.choices import ArgumentError, check_choice
 from mbbackbones.layers import ConvNormAct
 
 from ..backbone import Normalize, plug_backbone
+from ..deploy.tflite_metadata import AppMetadata, OutputTensor
 from ..results import Segmentation
 from ..task_model import Check, TaskModel, as_size
 
@@ -106,6 +107,7 @@ class LRASPP(TaskModel):
     result_type = Segmentation
     output_names = ("logits",)
     final_output_names = ("mask",)
+    app_output_names = ("class_logits",)
     class_layers = ("head.low_classifier.", "head.high_classifier.")
 
     def __init__(self, backbone: str | nn.Module = "mbv3_large", num_classes: int = 19, inter_channels: int = 128,
@@ -148,6 +150,17 @@ class LRASPP(TaskModel):
         nearest, loses 3.9 mIoU on the built-in val set.)"""
         return (self.forward_batch(images.permute(0, 3, 1, 2))[0].argmax(1).to(torch.uint8),)
 
+    def forward_app(self, images: Tensor) -> tuple[Tensor]:
+        """RGB uint8 images [B, H, W, 3] -> logits [B, H, W, num_classes] at the input size, channels last: what
+        MediaPipe's ``ImageSegmenter`` reads (its metadata says to apply softmax for the confidences)."""
+        return (self.forward_batch(images.permute(0, 3, 1, 2))[0].permute(0, 2, 3, 1),)
+
+    def app_metadata(self, meta: dict) -> AppMetadata:
+        logits = OutputTensor("segmentation_masks", "Class logits of each pixel at the input size (softmax: the "
+                              "confidences)", content="mask", axes=(1, 2), labels=tuple(meta["categories"]))
+        return AppMetadata("ImageSegmenter", f"{meta.get('name') or 'LR-ASPP'}: the class of each pixel",
+                           (logits,), activation="softmax")
+
     def metadata(self) -> dict:
         return dict(categories=[f"class {i}" for i in range(self.num_classes)], input_size=None,
                     feature_location=getattr(self.backbone, "feature_location", None))
@@ -176,22 +189,20 @@ class LRASPP(TaskModel):
     @staticmethod
     def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
                 original_size: Sequence[int]) -> dict:
-        """The class of each pixel (arg-max at the input size, or the file's mask where ``meta["postprocessed"]``, then
-        nearest to the original size)."""
-        mask = outputs[0] if meta.get("postprocessed") else outputs[0].argmax(0).to(torch.uint8)
+        """The class of each pixel (:func:`class_map`, then nearest to the original size)."""
+        mask = class_map(outputs[0], meta)
         if tuple(mask.shape) != tuple(original_size):
             mask = F.interpolate(mask[None, None], size=tuple(original_size), mode="nearest-exact")[0, 0]
         return {"mask": mask.cpu().numpy()}
 
     @staticmethod
     def agreement(expected: Sequence[Tensor], got: Sequence[Tensor], meta: dict, int8: bool) -> list[Check]:
-        """fp32 logits: the largest difference; fp32 masks (the post-processing inside): the share of pixels of
-        the same class (near-equal logits may swap); INT8: that share."""
-        if not (int8 or meta.get("postprocessed")):
+        """fp32 logits (raw, or channels last for apps): the largest difference; fp32 masks (the post-processing
+        inside): the share of pixels of the same class (near-equal logits may swap); INT8: that share."""
+        if not int8 and expected[0].is_floating_point():
             return [Check("max |logits difference|", (got[0] - expected[0]).abs().max().item(), FP32_LOGIT_TOLERANCE,
                           True)]
-        mask = (lambda outputs: outputs[0]) if meta.get("postprocessed") else (lambda outputs: outputs[0].argmax(1))
-        same = (mask(got) == mask(expected)).float().mean().item()
+        same = (class_map(got[0], meta) == class_map(expected[0], meta)).float().mean().item()
         return [Check("pixels of the same class", same, INT8_MASK_AGREEMENT if int8 else FP32_MASK_AGREEMENT, False)]
 
     def convert_checkpoint(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -210,3 +221,12 @@ class LRASPP(TaskModel):
                 raise CheckpointError(f"torchvision LR-ASPP checkpoint has an unknown tensor {key!r}")
             result[f"{TORCHVISION_HEAD[layer]}.{param}"] = value
         return result
+
+
+def class_map(output: Tensor, meta: dict) -> Tensor:
+    """The class of each pixel, uint8, from an output of the kind ``meta`` says (an image's or a batch's): logits
+    [..., C, H, W] (raw), the mask itself (the post-processing inside) or channels-last logits [..., H, W, C]
+    (:meth:`LRASPP.forward_app`)."""
+    if meta.get("outputs") == list(LRASPP.app_output_names):
+        return output.argmax(-1).to(torch.uint8)
+    return output if meta.get("postprocessed") else output.argmax(-3).to(torch.uint8)
