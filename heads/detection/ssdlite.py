@@ -19,6 +19,7 @@ from mbbackbones.choices import ArgumentError
 from mbbackbones.layers import ConvNormAct
 
 from ..backbone import Normalize, plug_backbone
+from ..deploy.tflite_metadata import AppMetadata, OutputTensor
 from ..results import DRAW_SCORE, Detections
 from ..task_model import Check, TaskModel, as_size
 
@@ -63,6 +64,7 @@ class SSDLite(TaskModel):
     result_type = Detections
     output_names = ("boxes", "scores")
     final_output_names = ("boxes", "scores", "labels", "count")
+    app_output_names = ("locations", "categories", "scores", "num_detections")
     class_layers = ("head.classification_head.",)
     # LiteRT's int8 classification convolutions lose the ranking of the class scores (score correlation 0.55 with
     # float, AP50 -1.1 on the built-in set)
@@ -181,6 +183,30 @@ class SSDLite(TaskModel):
         return final_detections(boxes, scores, **self.settings())
 
     @torch.jit.unused
+    def forward_app(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Export path of apps (MediaPipe's ``ObjectDetector``, the TFLite detection convention): RGB uint8
+        [B, size, size, 3] -> :meth:`forward_postprocessed`'s detections as ``locations`` [B, D, 4] (ymin, xmin, ymax,
+        xmax as ratios of the input), ``categories`` [B, D] (float32: the label - 1, an index into the foreground
+        categories), ``scores`` [B, D] and ``num_detections`` [B] (float32)."""
+        boxes, scores, labels, count = self.forward_postprocessed(images)
+        height, width = images.shape[1], images.shape[2]
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        locations = torch.stack([y0 / height, x0 / width, y1 / height, x1 / width], -1)
+        return locations, (labels - 1).clamp(min=0).float(), scores, count.float()
+
+    @torch.jit.unused
+    def app_metadata(self, meta: dict) -> AppMetadata:
+        detections = ("location", "category", "score")
+        outputs = (OutputTensor("location", "Boxes [ymin, xmin, ymax, xmax], ratios of the input", content="boxes",
+                                axes=(2, 2), box_index=(1, 0, 3, 2)),
+                   OutputTensor("category", "The label - 1: a line of the label file", axes=(2, 2),
+                                labels=tuple(meta["categories"][1:])),
+                   OutputTensor("score", "Scores, best first", axes=(2, 2)),
+                   OutputTensor("number of detections", "How many detections are valid"))
+        return AppMetadata("ObjectDetector", f"{meta.get('name') or 'SSDLite'}: objects and their boxes", outputs,
+                           groups=(("detection_result", detections),))
+
+    @torch.jit.unused
     def settings(self) -> dict:
         """The settings of :func:`select_detections`, as the model's metadata records them."""
         return dict(score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
@@ -208,9 +234,11 @@ class SSDLite(TaskModel):
     def results(outputs: Sequence[Tensor], meta: dict, input_size: Sequence[int],
                 original_size: Sequence[int]) -> dict:
         """Detections in ``original_size`` pixels: :func:`select_detections` on :meth:`forward_batch`'s outputs, or
-        the first ``count`` of :meth:`forward_postprocessed`'s, of which a raised ``score_thresh`` or a lowered
-        ``detections_per_img`` keep fewer."""
+        the first ``count`` of :meth:`forward_postprocessed`'s (or of :meth:`forward_app`'s, where ``meta["outputs"]``
+        names those), of which a raised ``score_thresh`` or a lowered ``detections_per_img`` keep fewer."""
         settings = meta["postprocess"]
+        if meta.get("outputs") == list(SSDLite.app_output_names):
+            outputs = from_app(outputs, input_size)
         if meta.get("postprocessed"):
             boxes, scores, labels, count = outputs
             keep = (scores[:int(count)] > settings["score_thresh"]).nonzero().squeeze(1)
@@ -360,6 +388,15 @@ def select_detections(boxes: Tensor, scores: Tensor, original_size: Tuple[int, i
     kept = greedy_nms(candidates, candidate_scores, labels, nms_thresh, detections_per_img)
     return {"boxes": to_original(candidates[kept], original_size, size), "scores": candidate_scores[kept],
             "labels": labels[kept]}
+
+
+def from_app(outputs: Sequence[Tensor], input_size: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:meth:`SSDLite.forward_app`'s outputs (one image's or a batch's) as :meth:`SSDLite.forward_postprocessed`'s."""
+    locations, categories, scores, count = outputs
+    height, width = float(input_size[0]), float(input_size[1])
+    y0, x0, y1, x1 = locations.unbind(-1)
+    boxes = torch.stack([x0 * width, y0 * height, x1 * width, y1 * height], -1)
+    return boxes, scores, categories.round().int() + 1, count.round().int()
 
 
 def to_original(boxes: Tensor, original_size: Tuple[int, int], size: int) -> Tensor:
