@@ -7,7 +7,6 @@ through ``mediapipe_run.py``, which imports neither torch nor our packages.
 """
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -143,9 +142,9 @@ def matched(expected: dict, got: dict, floor: float) -> bool:
 
 def as_detections(found: dict, categories: list) -> dict:
     """MediaPipe's detections of one photo as tensors; labels from the category names (the label file's lines)."""
+    labels = [categories.index(name) for name in found["names"]]
     return {"boxes": torch.tensor(found["boxes"], dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(found["scores"]), "labels": torch.tensor([categories.index(n) for n in found["names"]],
-                                                                            dtype=torch.long)}
+            "scores": torch.tensor(found["scores"]), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
