@@ -398,7 +398,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
     parser.add_argument("--raw", action="store_true", help="the raw graph, without the post-processing: images in "
                         "[0, 1] in, decoded boxes and class probabilities per default box (detection) or logits "
-                        "(segmentation) out; the default for ExecuTorch and LiteRT")
+                        "(segmentation) out; the default for ExecuTorch")
     parser.add_argument("--calibration", help="INT8 calibration and check images: a folder of images, or "
                         "'builtin' (the built-in set's validation images); default: the run's validation images "
                         "(from its config) for --int8, the package's sample photos for the fp32 check")
