@@ -398,7 +398,7 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
     parser.add_argument("--raw", action="store_true", help="the raw graph, without the post-processing: images in "
                         "[0, 1] in, decoded boxes and class probabilities per default box (detection) or logits "
-                        "(segmentation) out; the default for ExecuTorch and LiteRT")
+                        "(segmentation) out")
     parser.add_argument("--calibration", help="INT8 calibration and check images: a folder of images, or "
                         "'builtin' (the built-in set's validation images); default: the run's validation images "
                         "(from its config) for --int8, the package's sample photos for the fp32 check")
@@ -455,7 +455,7 @@ def _export(args) -> list[Path]:
     options = {} if args.opset is None else {"opset": args.opset}
     try:
         path = runtimes.export(model, args.out, format, int8=args.int8, calibration=batches if args.int8 else None,
-                               size=size, postprocess=False if args.raw else None, **options)
+                               size=size, postprocess=not args.raw, **options)
         runtime = runtimes.load(path)
     except OSError as error:  # the --out path: a folder, a file where a folder should be, no permission
         where = f" ({error.filename})" if error.filename else ""

@@ -174,11 +174,11 @@ class SSDLite(TaskModel):
         return self.decode(self.predict(batch), batch.shape[-2:])
 
     @torch.jit.unused
-    def forward_postprocessed(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward_postprocessed(self, images: Tensor, nms_op: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Export path with the post-processing inside: RGB uint8 [B, size, size, 3] -> :func:`final_detections`
-        with this model's settings."""
+        with this model's settings (``nms_op``: ONNX's ``NonMaxSuppression``; else :func:`tensor_nms`)."""
         boxes, scores = self.forward_batch(images.permute(0, 3, 1, 2))
-        return final_detections(boxes, scores, **self.settings())
+        return final_detections(boxes, scores, **self.settings(), nms_op=nms_op)
 
     @torch.jit.unused
     def settings(self) -> dict:
@@ -386,12 +386,18 @@ def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
 
 
 def final_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, topk_candidates: int,
-                     detections_per_img: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The detections of a batch, as :func:`select_detections` finds them, in tensor operations that export with
-    ONNX's ``NonMaxSuppression`` (:class:`ClassNMS`): from decoded boxes [B, A, 4] and probabilities [B, A, C] to
-    ``boxes`` [B, D, 4] (xyxy, input pixels), ``scores`` [B, D], ``labels`` [B, D] (int32) and ``count`` [B] (int32),
-    ``D = detections_per_img``, each image's best first; entries past its ``count`` are zeros.
+                     detections_per_img: int, nms_op: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The detections of a batch, as :func:`select_detections` finds them, in tensor operations that export: from
+    decoded boxes [B, A, 4] and probabilities [B, A, C] to ``boxes`` [B, D, 4] (xyxy, input pixels), ``scores``
+    [B, D], ``labels`` [B, D] (int32) and ``count`` [B] (int32), ``D = detections_per_img``, each image's best first;
+    entries past its ``count`` are zeros.
+
+    ``nms_op``: ONNX's ``NonMaxSuppression`` (:class:`ClassNMS`) over each class's top-k, exactly
+    :func:`select_detections`; else (runtimes without an NMS operator) :func:`tensor_nms` over the best
+    :data:`TENSOR_NMS_CANDIDATES` of those, the same while that many hold the image's ``D`` survivors.
     """
+    if not nms_op:
+        return tensor_nms(boxes, scores, score_thresh, nms_thresh, topk_candidates, detections_per_img)
     foreground = scores[..., 1:].transpose(1, 2)  # [B, C - 1, A]
     top = foreground.topk(min(topk_candidates, foreground.shape[-1]), dim=2).indices
     candidates = torch.zeros_like(foreground).scatter(2, top, foreground.gather(2, top))  # each class's top-k only
@@ -405,6 +411,49 @@ def final_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thr
     padded_boxes = torch.cat([boxes[image, anchor], boxes.new_zeros([detections_per_img, 4])])
     padded_labels = torch.cat([label + 1, label.new_zeros([detections_per_img])])
     return (padded_boxes[order] * found[..., None], best.clamp(min=0), (padded_labels[order] * found).int(),
+            found.sum(1).int())
+
+
+TENSOR_NMS_CANDIDATES = 1000  # (anchor, class) pairs that tensor_nms suppresses among, each image's best
+TENSOR_NMS_ROUNDS = 12  # its fixed-point rounds: greedy NMS's decisions are final after as many as their chain is long
+
+
+def tensor_nms(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, topk_candidates: int,
+               detections_per_img: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`final_detections` with topk, gathers and matrix products alone (ExecuTorch and LiteRT have no NMS
+    operator that their exporters emit), over a fixed number of candidates: each class's top-k, then the best
+    :data:`TENSOR_NMS_CANDIDATES` pairs of all classes.
+
+    Greedy NMS keeps a candidate if no kept, better one of its class overlaps it by more than ``nms_thresh``. Starting
+    from all candidates over the threshold, each round re-decides every candidate from the previous round's keeps;
+    the decision of the best is final after one round, and any other's once those it depends on are, so
+    :data:`TENSOR_NMS_ROUNDS` rounds give greedy NMS's result unless a chain of suppressions is longer.
+    """
+    foreground = scores[..., 1:].transpose(1, 2)  # [B, C - 1, A]
+    per_class, anchors = foreground.topk(min(topk_candidates, foreground.shape[-1]), dim=2)
+    count = max(min(TENSOR_NMS_CANDIDATES, per_class[0].numel()), min(detections_per_img, per_class[0].numel()))
+    best, index = per_class.flatten(1).topk(count, dim=1)  # [B, K], best first
+    # each pair's label, as a table rather than arithmetic (INT8 quantizers make integer scalars float constants)
+    label = torch.arange(1, scores.shape[-1], device=scores.device).repeat_interleave(per_class.shape[2])[index]
+    candidates = boxes.gather(1, anchors.flatten(1).gather(1, index)[..., None].expand(-1, -1, 4))  # [B, K, 4]
+    x1, y1, x2, y2 = candidates[..., None, :].unbind(-1)  # [B, K, 1] each, against the others' [B, 1, K]
+    width = (torch.minimum(x2, x2.transpose(1, 2)) - torch.maximum(x1, x1.transpose(1, 2))).clamp(min=0)
+    height = (torch.minimum(y2, y2.transpose(1, 2)) - torch.maximum(y1, y1.transpose(1, 2))).clamp(min=0)
+    area = (x2 - x1) * (y2 - y1)
+    overlap = width * height
+    iou = overlap / (area + area.transpose(1, 2) - overlap)
+    better = torch.ones(count, count, dtype=torch.bool, device=boxes.device).tril(-1)  # [i, j]: j is ahead of i
+    suppresses = ((iou > nms_thresh) & (label[:, :, None] == label[:, None, :]) & better).float()
+    valid = best > score_thresh
+    keep = valid
+    for _ in range(TENSOR_NMS_ROUNDS):
+        keep = valid & (torch.bmm(suppresses, keep.float()[..., None])[..., 0] == 0)
+    final, order = torch.where(keep, best, torch.tensor(-1.0, device=boxes.device)).topk(
+        min(detections_per_img, count), dim=1)
+    found = final >= 0
+    pad = detections_per_img - final.shape[1]  # fewer candidates than D: zeros past them
+    return (F.pad(candidates.gather(1, order[..., None].expand(-1, -1, 4)) * found[..., None], (0, 0, 0, pad)),
+            F.pad(final.clamp(min=0), (0, pad)), F.pad((label.gather(1, order) * found).int(), (0, pad)),
             found.sum(1).int())
 
 
