@@ -100,11 +100,6 @@ class Chromium:
             raise AssertionError(f"{url}: {reply['exceptionDetails']}")
         return json.loads(reply["result"]["value"])
 
-    def screenshot(self, path) -> None:
-        self.send("Runtime.evaluate", expression="new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
-                  awaitPromise=True)
-        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
-
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
@@ -169,7 +164,8 @@ def test_page_detects_as_the_predictor(trained_like, chromium, onnxruntime_web, 
     weights, page = tmp_path / "detector.pth", tmp_path / "page"
     torch.save(model.state_dict(), weights)
     files = export_main(["--weights", str(weights), "--model", DETECTOR, "--device", "cpu", "--out",
-                         str(tmp_path / "detector.onnx"), "--web", str(page), "--onnxruntime-web", str(onnxruntime_web)])
+                         str(tmp_path / "detector.onnx"), "--web", str(page),
+                         "--onnxruntime-web", str(onnxruntime_web)])
     assert page / "index.html" in files and "python -m http.server" in capsys.readouterr().out
     assert {"index.html", "app.js", "model.json", "detector.onnx", *web.ORT_WEB_FILES} <= set(os.listdir(page))
     url = serve(page)
@@ -223,7 +219,7 @@ def test_page_errors(models, tmp_path, monkeypatch, capsys):  # noqa: F811
         web.copy_onnxruntime_web(tmp_path / "page", tmp_path)
     monkeypatch.setenv("MBBACKBONES_DATA", str(tmp_path / "empty cache"))
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(ArgumentError, match=r"npm is not installed: install Node.js \(npm\), or pass --onnxruntime-web"):
+    with pytest.raises(ArgumentError, match=r"npm is not installed: install Node.js \(npm\), or pass --onnxrun"):
         web.copy_onnxruntime_web(tmp_path / "page")
     with pytest.raises(SystemExit):
         export_main(["--backbone", "mbv3_small_reduced", "--out", str(tmp_path / "b.xml"), "--web", str(tmp_path)])

@@ -178,12 +178,14 @@ function list(result) {  // the detections drawn (the JSON has all), or the clas
   const drawn = result.detections && result.detections.filter((d) => d.score >= config.draw_score);
   const items = result.detections
     ? drawn.map((d) => [config.colours[d.label], d.name, d.score.toFixed(2),
-      `[${d.box.map((v) => v.toFixed(0)).join(", ")}]`])
-    : result.classes.map((c) => [config.palette[c.label], c.name, `${(100 * c.share).toFixed(1)}%`, ""]);
+      `box ${d.box.map((v) => v.toFixed(0)).join(", ")} (x1, y1, x2, y2)`])
+    : result.classes.map((c) => [config.palette[c.label], c.name,
+      c.share < 0.001 ? "<0.1%" : `${(100 * c.share).toFixed(1)}%`, ""]);
   $("list").replaceChildren(...items.map(([colour, name, score, box]) => {
     const item = document.createElement("li");
-    item.innerHTML = `<span class="swatch" style="background:${rgb(colour)}"></span>${name} ` +
-      `<span class="score">${score} ${box}</span>`;
+    item.innerHTML = `<span class="swatch" style="background:${rgb(colour)}"></span>${name}` +
+      `<span class="score">${score}</span>`;
+    item.title = box;
     return item;
   }));
   if (!items.length) $("list").innerHTML = "<li>nothing found</li>";
