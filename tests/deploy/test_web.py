@@ -14,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import REAL
+from conftest import REAL, unavailable
 from PIL import Image
 from test_postprocessed import trained_like  # noqa: F401  (a fixture)
 from test_runtimes import SEGMENTER, SIZES, models  # noqa: F401  (a fixture)
@@ -111,7 +111,7 @@ class Chromium:
 def chromium():
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+        unavailable("chromium is not installed (Debian: apt-get install chromium)")
     browser = Chromium(executable)
     yield browser
     browser.close()
@@ -124,7 +124,7 @@ def onnxruntime_web(tmp_path_factory):
     try:
         web.copy_onnxruntime_web(folder)
     except ArgumentError as error:
-        pytest.skip(f"no onnxruntime-web: {error}")
+        unavailable(f"no onnxruntime-web: {error}")
     return folder
 
 
