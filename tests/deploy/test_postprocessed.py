@@ -98,45 +98,50 @@ def in_input_pixels(found: dict, photo_size, size: int = 320) -> dict:
 
 # -- detection ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("nms_op", [True, False], ids=["nms_op", "tensor_nms"])
 @pytest.mark.parametrize("which", ["trained_like", "spread"])
-def test_final_detections_in_pytorch_are_select_detections(which, trained_like, models):  # noqa: F811
-    """``forward_postprocessed`` (the exported graph, here in PyTorch with torchvision's NMS in the place of ONNX's)
-    finds what ``select_detections`` finds, per image of a batch; the spread detector passes ~289k candidates. The
-    tensor-op NMS (ExecuTorch, LiteRT) over its 1000 candidates: the same top 100 (the spread detector's 1000 best
-    hold 271 survivors of greedy NMS, found after 9 rounds; the trained-like one's after at most 4)."""
+def test_final_detections_in_pytorch_are_select_detections(which, nms_op, trained_like, models):  # noqa: F811
+    """``forward_postprocessed`` (the exported graph, here in PyTorch: torchvision's NMS in the place of ONNX's, or
+    the tensor-op NMS of ExecuTorch and LiteRT files) finds the top 100 of ``select_detections`` per image of a batch.
+    Over its 1000 candidates: all 300 on the trained-like detector; the spread one's (~289k pairs over the threshold)
+    hold 271 survivors of greedy NMS, found by the tensor-op NMS after 9 rounds (the trained-like one's after 4)."""
     model = trained_like[0] if which == "trained_like" else models[DETECTOR]
     images = [read_image(p) for p in SAMPLE_IMAGES.values()]
     batch = torch.from_numpy(np.concatenate([export.graph_input(export.model_input(model, i), True) for i in images]))
     meta = {**model.meta, "postprocessed": True}
     with torch.no_grad():
-        final = model.forward_postprocessed(batch)
-        tensor_ops = model.forward_postprocessed(batch, nms_op=False)
+        final = model.forward_postprocessed(batch, nms_op)
         raw = model.forward_batch(batch.permute(0, 3, 1, 2))
+    top = lambda found: {key: found[key][:TOP] for key in ("boxes", "scores", "labels")}  # noqa: E731
     for index in range(len(images)):
         ours = model.results([output[index] for output in final], meta, (320, 320), (320, 320))
         theirs = model.select(raw[0][index], raw[1][index], (320, 320))
         assert len(theirs["scores"]) > 0
-        assert same_detections(theirs, ours, 1e-6, limit=model.detections_per_img)
-        top = lambda found: {key: found[key][:TOP] for key in ("boxes", "scores", "labels")}  # noqa: E731
-        ours = model.results([output[index] for output in tensor_ops], meta, (320, 320), (320, 320))
         assert same_detections(top(theirs), top(ours), 1e-6, limit=min(TOP, len(theirs["scores"])))
+        if which == "trained_like":
+            assert same_detections(theirs, ours, 1e-6, limit=model.detections_per_img)
 
 
-def test_tensor_nms_is_greedy_nms_on_hand_made_boxes():
-    """A chain where each box overlaps the next (IoU 0.6 > 0.55): greedy NMS keeps every other one, which needs as
-    many rounds as the chain is long; another class's box in the same place is kept; the best first; scores at or
-    under the threshold and the detection cap apply; padding past the count is zeros."""
+@pytest.mark.parametrize("nms_op", [True, False], ids=["nms_op", "tensor_nms"])
+def test_final_detections_on_hand_made_boxes(nms_op):
+    """A chain where each box overlaps the next (IoU 0.6 > 0.55): greedy NMS keeps every other one (the tensor-op NMS
+    needs as many rounds as the chain is long); another class's box in the same place is kept; the best first;
+    scores at or under the threshold, the per-class top-k and the detection cap apply; padding is zeros."""
     chain = torch.tensor([[10.0 * i, 0, 10.0 * i + 40, 40] for i in range(6)])  # neighbours: IoU 30/50 = 0.6
     boxes = torch.cat([chain, chain[:1]])[None]  # [1, 7, 4]
     scores = torch.zeros(1, 7, 3)
     scores[0, :6, 1] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     scores[0, 6, 2] = 0.85  # class 2, on the first box of the chain
     scores[0, 5, 2] = 0.01  # at the threshold: not a detection
-    found_boxes, found_scores, labels, count = ssdlite.tensor_nms(boxes, scores, 0.01, 0.55, 300, 5)
+    with torch.no_grad():
+        found_boxes, found_scores, labels, count = ssdlite.final_detections(boxes, scores, 0.01, 0.55, 300, 5, nms_op)
     assert count.tolist() == [4] and labels.tolist() == [[1, 2, 1, 1, 0]]
     torch.testing.assert_close(found_scores, torch.tensor([[0.9, 0.85, 0.7, 0.5, 0.0]]))
     torch.testing.assert_close(found_boxes[0], torch.stack([chain[0], chain[0], chain[2], chain[4], torch.zeros(4)]))
-    assert ssdlite.tensor_nms(boxes, scores, 0.01, 0.55, 300, 2)[3].tolist() == [2]
+    capped = ssdlite.final_detections(boxes, scores, 0.01, 0.55, 300, 2, nms_op)
+    assert capped[3].tolist() == [2] and capped[2].tolist() == [[1, 2]]
+    per_class = ssdlite.final_detections(boxes, scores, 0.01, 0.55, 2, 20, nms_op)  # class 1's best two: 0.9, 0.8
+    assert per_class[3].tolist() == [2] and per_class[1][0, :2].tolist() == pytest.approx([0.9, 0.85])
 
 
 @pytest.mark.parametrize("format", FORMATS)
