@@ -398,11 +398,15 @@ def export_main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--int8", action="store_true", help="post-training static INT8 quantization")
     parser.add_argument("--raw", action="store_true", help="the raw graph, without the post-processing: images in "
                         "[0, 1] in, decoded boxes and class probabilities per default box (detection) or logits "
-                        "(segmentation) out; the default for ExecuTorch")
+                        "(segmentation) out")
     parser.add_argument("--calibration", help="INT8 calibration and check images: a folder of images, or "
                         "'builtin' (the built-in set's validation images); default: the run's validation images "
                         "(from its config) for --int8, the package's sample photos for the fp32 check")
     parser.add_argument("--calibration-images", type=int, default=32, help="how many calibration images")
+    parser.add_argument("--web", type=Path, metavar="DIR", help="also write a web page into DIR that runs the .onnx "
+                        "file in the browser (onnxruntime-web from npm, copied in; serve DIR over HTTP)")
+    parser.add_argument("--onnxruntime-web", metavar="PATH", help="with --web: an onnxruntime-web package already "
+                        "downloaded (folder or .tgz) instead of npm")
     return _run(parser, argv, _export, files=("out",))
 
 
@@ -441,6 +445,15 @@ def _export(args) -> list[Path]:
     if args.calibration_images < 1:
         raise ArgumentError(f"--calibration-images {args.calibration_images}: at least one image is needed")
     format = args.format or runtimes.format_of(args.out)
+    if args.web is not None and (format != "onnx" or args.raw):
+        raise ArgumentError("--web runs .onnx files with the post-processing inside: export to .onnx without --raw")
+    if args.web is not None and args.web.exists() and not args.web.is_dir():
+        raise ArgumentError(f"--web {args.web} is a file; give a folder (made if missing)")
+    if args.web is not None:  # the browser runtime first: a missing npm fails before the export's minutes
+        from .deploy.web import copy_onnxruntime_web
+
+        args.web.mkdir(parents=True, exist_ok=True)
+        copy_onnxruntime_web(args.web, args.onnxruntime_web)
     device = resolve_device(args.device)
     if args.backbone:
         model, config = create_backbone(args.backbone, args.backbone_weights).eval().to(device), None
@@ -455,7 +468,7 @@ def _export(args) -> list[Path]:
     options = {} if args.opset is None else {"opset": args.opset}
     try:
         path = runtimes.export(model, args.out, format, int8=args.int8, calibration=batches if args.int8 else None,
-                               size=size, postprocess=False if args.raw else None, **options)
+                               size=size, postprocess=not args.raw, **options)
         runtime = runtimes.load(path)
     except OSError as error:  # the --out path: a folder, a file where a folder should be, no permission
         where = f" ({error.filename})" if error.filename else ""
@@ -468,4 +481,11 @@ def _export(args) -> list[Path]:
     print(f"check against PyTorch on {min(2, len(batches))} images: " + "; ".join(map(str, checks)))
     if not all(check.passed for check in checks):
         raise SystemExit(f"error: {path} differs from PyTorch beyond the tolerance (kept for inspection)")
-    return runtimes.exported_files(path)
+    if args.web is None:
+        return runtimes.exported_files(path)
+    from .deploy.web import write_page
+
+    page = write_page(path, args.web, args.web)  # onnxruntime-web is in the folder already
+    print(f"wrote the web page {page}: serve it with 'python -m http.server -d {args.web}' and open "
+          "http://localhost:8000")
+    return [*runtimes.exported_files(path), page]

@@ -78,15 +78,17 @@ class TaskModel(nn.Module):
         :attr:`output_names`, ready for ``torch.export`` and ONNX."""
         raise NotImplementedError
 
-    def forward_postprocessed(self, images: Tensor) -> tuple[Tensor, ...]:
+    def forward_postprocessed(self, images: Tensor, nms_op: bool = True) -> tuple[Tensor, ...]:
         """The network and its post-processing on RGB uint8 images [B, H, W, 3] at the input size: plain tensors
-        named :attr:`final_output_names`, the results at the input size, ready for export."""
+        named :attr:`final_output_names`, the results at the input size, ready for export. ``nms_op``: the runtime
+        has ONNX's ``NonMaxSuppression`` operator (else tensor operations do what it does)."""
         raise NotImplementedError
 
-    def forward_app(self, images: Tensor) -> tuple[Tensor, ...]:
+    def forward_app(self, images: Tensor, nms_op: bool = True) -> tuple[Tensor, ...]:
         """The network and the post-processing that app tasks read (MediaPipe's ``ObjectDetector`` and
         ``ImageSegmenter``) on RGB uint8 images [B, H, W, 3] at the input size: plain tensors named
-        :attr:`app_output_names`, in those tasks' convention, ready for export."""
+        :attr:`app_output_names`, in those tasks' convention, ready for export (``nms_op``: as
+        :meth:`forward_postprocessed`)."""
         raise NotImplementedError
 
     def app_metadata(self, meta: dict) -> AppMetadata:

@@ -52,6 +52,14 @@ def data_home(tmp_path_factory) -> Path:
         yield home
 
 
+def unavailable(reason: str) -> None:
+    """A tool a test needs (a browser, a runtime's own environment) is missing: a skip here, a failure in CI, whose
+    ``.ci/run`` installs it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI installs it: see .ci/run)")
+    pytest.skip(reason)
+
+
 def same_detections(expected: dict, actual: dict, tolerance: float = 1e-4, limit: int | None = None,
                     box_tolerance: float | None = None) -> bool:
     """The same set of detections (label, score within ``tolerance`` and box within ``box_tolerance`` pixels,

@@ -3,7 +3,8 @@
 Every exported graph is :class:`DeployGraph`. A task model's, by default, holds its post-processing too: RGB uint8
 images [B, H, W, 3] at the input size (the normalisation inside) -> its ``forward_postprocessed`` outputs, named by
 its ``final_output_names`` (SSDLite: the final ``boxes``, ``scores``, ``labels`` and ``count`` after threshold,
-per-class top-k, NMS and the detection cap; LR-ASPP: the class ``mask``). Raw graphs (``postprocess=False``, and
+per-class top-k, NMS and the detection cap: ONNX's NMS operator in ONNX and OpenVINO files, tensor operations in
+ExecuTorch and LiteRT ones; LR-ASPP: the class ``mask``). Raw graphs (``postprocess=False``, and
 always for classifiers and backbones) take images float32 [B, 3, H, W] in [0, 1] ->
 
 - a task model: its ``forward_batch`` outputs, named by its ``output_names`` (SSDLite: decoded ``boxes`` and class
@@ -46,9 +47,9 @@ from ..backbone import Normalize
 from ..task_model import TaskModel, as_size
 
 OPSET = 17
+METADATA_METHOD = "mbbackbones_metadata"  # the ExecuTorch constant method that returns the metadata (JSON)
 NETWORK_SIZE = (224, 224)  # export size of classifiers and backbones
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "tflite": ".tflite"}  # name -> file suffix
-POSTPROCESSED = ("onnx", "openvino", "tflite")  # formats whose exports hold the post-processing by default
 APP = ("tflite",)  # formats whose post-processed graphs follow the app tasks' convention (``forward_app``)
 EXTRAS = {"onnx": "onnx", "openvino": "openvino", "executorch": "executorch", "tflite": "litert"}  # pip extras
 
@@ -134,21 +135,23 @@ def output_names(model: nn.Module, postprocess: bool = False, app: bool = False)
 
 
 class DeployGraph(nn.Module):
-    """What is exported: RGB uint8 images [B, H, W, 3] -> a task model's ``forward_postprocessed`` (``postprocess``),
-    or its ``forward_app`` (``postprocess`` and ``app``: the outputs MediaPipe's tasks read); else images in [0, 1]
-    [B, 3, H, W] -> a task model's ``forward_batch`` (which normalises), or the network on its normalised input
-    (:func:`normalizer`)."""
+    """What is exported: RGB uint8 images [B, H, W, 3] -> a task model's ``forward_postprocessed`` (``postprocess``;
+    ``nms_op``: the runtime has ONNX's NMS operator), or its ``forward_app`` (``app``: the outputs MediaPipe's tasks
+    read); else images in [0, 1] [B, 3, H, W] -> a task model's ``forward_batch`` (which normalises), or the network
+    on its normalised input (:func:`normalizer`)."""
 
-    def __init__(self, model: nn.Module, postprocess: bool = False, app: bool = False):
+    def __init__(self, model: nn.Module, postprocess: bool = False, nms_op: bool = True, app: bool = False):
         super().__init__()
         self.model = model
         self.postprocess = postprocessed(model, postprocess)
-        self.app = app
+        self.nms_op, self.app = nms_op, app
         self.normalize = None if isinstance(model, TaskModel) else normalizer(model)
 
     def forward(self, images: Tensor):
         if self.postprocess:
-            return self.model.forward_app(images) if self.app else self.model.forward_postprocessed(images)
+            if self.app:
+                return self.model.forward_app(images, self.nms_op)
+            return self.model.forward_postprocessed(images, self.nms_op)
         if self.normalize is None:
             return self.model.forward_batch(images)
         return self.model(self.normalize(images))
@@ -168,6 +171,11 @@ def graph_input(batch: np.ndarray, postprocess: bool) -> np.ndarray:
     if not postprocess:
         return batch
     return np.ascontiguousarray((batch * 255).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def _graph_inputs(calibration: Iterable[np.ndarray], postprocess: bool) -> list[np.ndarray]:
+    """Calibration batches (float32 [B, 3, H, W] in [0, 1]) as a graph takes them (:func:`graph_input`)."""
+    return [graph_input(batch, postprocess) for batch in calibration]
 
 
 def export_onnx(model: nn.Module, path: str | Path, size: int | Sequence[int] | None = None,
@@ -333,7 +341,7 @@ def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], calibration=
         return
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", size, opset, postprocess)
-        quantize_onnx(fp32, path, [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration])
+        quantize_onnx(fp32, path, _graph_inputs(calibration, postprocessed(model, postprocess)))
 
 
 def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
@@ -352,7 +360,7 @@ def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibrat
                  for op in ir.get_ordered_ops()}
         level = nncf_logger.level
         nncf.set_log_level(logging.WARNING)  # not a line per operator
-        batches = [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration]
+        batches = _graph_inputs(calibration, postprocessed(model, postprocess))
         try:
             ir = nncf.quantize(ir, nncf.Dataset(batches), subset_size=len(batches),
                                ignored_scope=nncf.IgnoredScope(names=after_last_convolutions(nodes), validate=False))
@@ -362,13 +370,16 @@ def write_openvino(model: nn.Module, path: Path, size: tuple[int, int], calibrat
 
 
 def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
-                     postprocess: bool = False) -> None:
-    """An ExecuTorch program lowered to the XNNPACK delegate; INT8 through PT2E with the XNNPACK quantizer."""
+                     postprocess: bool = False, metadata: str = "") -> None:
+    """An ExecuTorch program lowered to the XNNPACK delegate (what it does not take, the post-processing's topk
+    and gathers among them, runs in ExecuTorch's portable kernels), ``metadata`` in its constant method
+    :data:`METADATA_METHOD`; INT8 through PT2E with the XNNPACK quantizer."""
     require("executorch", "executorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    graph, example = DeployGraph(fold_batchnorm(model)).cpu(), _example(model, size).cpu()
+    graph = DeployGraph(fold_batchnorm(model), postprocess, nms_op=False).cpu()
+    example = _example(model, size, postprocess).cpu()
     if calibration is not None:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -376,10 +387,12 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
         )
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        graph = _pt2e_quantized(graph, example, quantizer, calibration)
+        graph = _pt2e_quantized(graph, example, quantizer, _graph_inputs(calibration, graph.postprocess))
     with torch.no_grad():
         program = torch.export.export(graph, (example,))
-    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                          constant_methods={METADATA_METHOD: metadata})
+    path.write_bytes(lowered.to_executorch().buffer)
 
 
 def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
@@ -387,7 +400,7 @@ def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibratio
     """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer. With
     ``postprocess``, a task model's ``forward_app`` (what MediaPipe's tasks read)."""
     litert_torch = require("litert_torch", "tflite")
-    graph = DeployGraph(fold_batchnorm(model), postprocess, app=True).cpu().eval()
+    graph = DeployGraph(fold_batchnorm(model), postprocess, nms_op=False, app=True).cpu().eval()
     example = _example(model, size, postprocess).cpu()
     options = {}
     if calibration is not None:
@@ -396,8 +409,8 @@ def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibratio
 
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         float_layers = [f"model.{name}" for name in getattr(model, "float_layers", ())]  # the model says
-        batches = [graph_input(batch, postprocessed(model, postprocess)) for batch in calibration]
-        graph = _pt2e_quantized(graph, example, quantizer, batches, fold_quantize=False, float_layers=float_layers)
+        graph = _pt2e_quantized(graph, example, quantizer, _graph_inputs(calibration, graph.postprocess),
+                                fold_quantize=False, float_layers=float_layers)
         options["quant_config"] = QuantConfig(pt2e_quantizer=quantizer)
     litert_torch.convert(graph, (example,), **options).export(str(path))
 

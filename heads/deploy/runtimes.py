@@ -3,7 +3,7 @@
 The runtime follows from the file's suffix (:data:`FORMATS`): ONNX Runtime (.onnx), OpenVINO (.xml), ExecuTorch with
 the XNNPACK delegate (.pte) and LiteRT (.tflite). Each :class:`Runtime` maps images [B, 3, H, W] (uint8, or float32
 in [0, 1] for a raw graph) to the outputs of the PyTorch model (see :mod:`heads.deploy.export`): a task model's
-``forward_postprocessed`` (the post-processing inside, the default where the format has it) or ``forward_batch``.
+``forward_postprocessed`` (the post-processing inside, the default) or ``forward_batch``.
 
 Each file carries the model's metadata (``model.meta``, plus the format, precision, input size and layout, and
 whether the post-processing is inside), written by :func:`write_metadata` and read by :func:`read_metadata`. A LiteRT
@@ -32,7 +32,7 @@ from .export import (
     APP,
     EXTRAS,
     FORMATS,
-    POSTPROCESSED,
+    METADATA_METHOD,
     WRITERS,
     DeployGraph,
     dynamic_size,
@@ -50,7 +50,6 @@ __all__ = ["EXTRAS", "FORMATS", "Check", "Runtime", "check", "export", "exported
 
 METADATA_KEY = "mbbackbones"
 STATIC = ("executorch", "tflite")  # graphs of one image at the export size; a batch runs image by image
-SIDECAR = ("executorch",)  # formats whose metadata is a sidecar <file>.json (LiteRT's too, in files before 2026-12)
 
 
 def format_of(path: str | Path) -> str:
@@ -63,16 +62,15 @@ def format_of(path: str | Path) -> str:
 
 
 def exported_files(path: Path) -> list[Path]:
-    """The files an export writes: ``path`` and what goes with it (OpenVINO's weights, a metadata sidecar)."""
+    """The files an export writes: ``path`` and what goes with it (OpenVINO's weights)."""
     format = format_of(path)
     if format == "openvino":
         return [path, path.with_suffix(".bin")]
-    if format in SIDECAR:
-        return [path, _sidecar(path)]
     return [path]
 
 
 def _sidecar(path: Path) -> Path:
+    """The metadata file beside a LiteRT or ExecuTorch file of the earlier exporters."""
     return path.with_name(path.name + ".json")
 
 
@@ -100,20 +98,20 @@ def describe_export(model: nn.Module, format: str, int8: bool, size: tuple[int, 
 
 def export(model: nn.Module, path: str | Path, format: str | None = None, *, int8: bool = False,
            calibration: Iterable[np.ndarray] | None = None, size: int | Sequence[int] | None = None,
-           postprocess: bool | None = None, **options) -> Path:
+           postprocess: bool = True, **options) -> Path:
     """Export a detector, segmenter, classifier or backbone (or a ``LoadedModel``) and its metadata; returns
     ``path``.
 
     Args:
-        path: the file to write (OpenVINO also writes the .bin beside it; ExecuTorch a metadata sidecar
-            ``<file>.json``); it is replaced only once the export is complete.
+        path: the file to write (OpenVINO also writes the .bin beside it); it is replaced only once the export is
+            complete.
         format: a :data:`FORMATS` name; None: from the suffix of ``path``.
         int8: post-training static INT8 quantization, calibrated on ``calibration``: float32 [1, 3, H, W]
             batches in [0, 1] at the export size (``export.model_input``), from the task's own validation images.
         size: export size, S or (H, W) (default: SSDLite its own, segmentation 512x1024, backbones 224).
         postprocess: a task model's post-processing inside the graph (RGB uint8 [B, H, W, 3] in, final detections
-            or the class mask out); False: the raw graph (images in [0, 1] in, ``forward_batch``'s outputs out);
-            None: True where the format has it (:data:`POSTPROCESSED`). Classifiers and backbones are always raw.
+            or the class mask out; the default); False: the raw graph (images in [0, 1] in, ``forward_batch``'s
+            outputs out). Classifiers and backbones are always raw.
         options: for the format's writer (ONNX: ``opset``).
     """
     path = Path(path)
@@ -122,11 +120,6 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     check_choice("format", format, FORMATS)
     if path.suffix.lower() != FORMATS[format]:
         raise ArgumentError(f"{path}: {format} files end in {FORMATS[format]}")
-    if postprocess is None:
-        postprocess = format in POSTPROCESSED
-    if postprocess and format not in POSTPROCESSED:
-        raise ArgumentError(f"{format} files hold no post-processing yet (only {', '.join(POSTPROCESSED)}): export "
-                            "the raw graph (postprocess=False, tools/export.py --raw)")
     if int8 and calibration is None:
         raise ArgumentError("int8 export needs calibration images (the task's own validation images)")
     model = network(model)
@@ -139,10 +132,13 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        WRITERS[format](model, staged, size, calibration, postprocess, **options)
         metadata = describe_export(model, format, int8, size, postprocess)
-        app = format in APP and metadata["postprocessed"]
-        write_metadata(staged, metadata, model.app_metadata(metadata) if app else None)
+        if format == "executorch":  # held in the program itself
+            options["metadata"] = json.dumps(metadata)
+        WRITERS[format](model, staged, size, calibration, postprocess, **options)
+        if format != "executorch":
+            app = format in APP and metadata["postprocessed"]
+            write_metadata(staged, metadata, model.app_metadata(metadata) if app else None)
         for file in exported_files(staged):
             os.replace(file, path.parent / file.name)
     return path
@@ -152,9 +148,13 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, int
 
 def write_metadata(path: str | Path, metadata: dict, app: tflite_metadata.AppMetadata | None = None) -> None:
     """Store ``metadata`` (JSON) with an exported file: ONNX ``metadata_props``, OpenVINO ``rt_info``, LiteRT's
-    metadata list (with ``app``, its TFLite Model Metadata too), a sidecar ``<file>.json`` for ExecuTorch."""
+    metadata list (with ``app``, TFLite Model Metadata and the label file too, :mod:`tflite_metadata`). (An
+    ExecuTorch program holds it from its export, :data:`METADATA_METHOD`.)"""
     path, text = Path(path), json.dumps(metadata)
     format = format_of(path)
+    if format == "executorch":
+        raise ArgumentError(f"{path}: an ExecuTorch program's metadata is written when it is exported; export it "
+                            "again")
     if format == "onnx":
         onnx = require("onnx", format)
         graph = onnx.load(str(path))
@@ -171,10 +171,8 @@ def write_metadata(path: str | Path, metadata: dict, app: tflite_metadata.AppMet
             del ir
             for file in exported_files(Path(tmp) / path.name):
                 shutil.move(file, path.parent / file.name)
-    elif format == "tflite":
-        tflite_metadata.embed(path, text, app)
     else:
-        _sidecar(path).write_text(text)
+        tflite_metadata.embed(path, text, app)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -184,7 +182,7 @@ def read_metadata(path: str | Path) -> dict:
     format = format_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"{format} model not found: {path}")
-    text, where = None, f" ({_sidecar(path).name} beside it)" if format in SIDECAR else ""
+    text = None
     if format == "onnx":
         onnx = require("onnx", format)
         from google.protobuf.message import DecodeError
@@ -211,15 +209,13 @@ def read_metadata(path: str | Path) -> dict:
             text = tflite_metadata.read_entry(path)
         except ValueError as error:
             raise CheckpointError(f"{path} is not a readable LiteRT model ({error}): export it again") from None
-        where = " (inside it)"
-        if text is not None:
-            text = text.decode(errors="replace")
-        elif _sidecar(path).is_file():  # files exported before the metadata went inside
-            text, where = _sidecar(path).read_text(), f" ({_sidecar(path).name} beside it)"
-        else:
-            where = f" (inside it, nor in {_sidecar(path).name} beside it)"
-    elif _sidecar(path).is_file():
-        text = _sidecar(path).read_text()
+        text = None if text is None else text.decode(errors="replace")
+    elif format == "executorch":
+        text = _program_metadata(path)
+    where = ""
+    if text is None and format in STATIC:  # a file of the earlier exporters: its sidecar
+        where = f" ({_sidecar(path).name} beside it)"
+        text = _sidecar(path).read_text() if _sidecar(path).is_file() else None
     if text is None:
         raise CheckpointError(f"{path} has no mbbackbones metadata{where}: it comes from another exporter or an older "
                               "version; export it again with tools/export.py")
@@ -232,6 +228,19 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: its metadata{where} is not an mbbackbones record (a JSON object with 'task'):"
                               " export it again")
     return metadata
+
+
+def _program_metadata(path: Path) -> str | None:
+    """The metadata an ExecuTorch program returns from its constant method :data:`METADATA_METHOD` (None: it has
+    none); an unreadable program is a one-line error."""
+    runtime = require("executorch.runtime", "executorch")
+    try:
+        program = runtime.Runtime.get().load_program(path)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} is not a loadable ExecuTorch program ({error}): export it again") from None
+    if METADATA_METHOD not in program.method_names:
+        return None
+    return program.load_method(METADATA_METHOD).execute([])[0]
 
 
 def _reason(error: Exception) -> str:

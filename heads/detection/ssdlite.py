@@ -176,19 +176,19 @@ class SSDLite(TaskModel):
         return self.decode(self.predict(batch), batch.shape[-2:])
 
     @torch.jit.unused
-    def forward_postprocessed(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward_postprocessed(self, images: Tensor, nms_op: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Export path with the post-processing inside: RGB uint8 [B, size, size, 3] -> :func:`final_detections`
-        with this model's settings."""
+        with this model's settings (``nms_op``: ONNX's ``NonMaxSuppression``; else :func:`tensor_nms`)."""
         boxes, scores = self.forward_batch(images.permute(0, 3, 1, 2))
-        return final_detections(boxes, scores, **self.settings())
+        return final_detections(boxes, scores, **self.settings(), nms_op=nms_op)
 
     @torch.jit.unused
-    def forward_app(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward_app(self, images: Tensor, nms_op: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Export path of apps (MediaPipe's ``ObjectDetector``, the TFLite detection convention): RGB uint8
         [B, size, size, 3] -> :meth:`forward_postprocessed`'s detections as ``locations`` [B, D, 4] (ymin, xmin, ymax,
         xmax as ratios of the input), ``categories`` [B, D] (float32: the label - 1, an index into the foreground
         categories), ``scores`` [B, D] and ``num_detections`` [B] (float32)."""
-        boxes, scores, labels, count = self.forward_postprocessed(images)
+        boxes, scores, labels, count = self.forward_postprocessed(images, nms_op)
         height, width = images.shape[1], images.shape[2]
         x0, y0, x1, y1 = boxes.unbind(-1)
         locations = torch.stack([y0 / height, x0 / width, y1 / height, x1 / width], -1)
@@ -422,27 +422,72 @@ def greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
     return best[kept[:keep]]
 
 
+FINAL_CANDIDATES = 1000  # (anchor, class) pairs of each image that final_detections suppresses among, its best
+TENSOR_NMS_ROUNDS = 12  # fixed-point rounds of tensor_nms: greedy NMS's decisions are final after as many as their
+# chains of suppression are long (at most 4 on a trained-like detector, 9 on a random one)
+
+
 def final_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thresh: float, topk_candidates: int,
-                     detections_per_img: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The detections of a batch, as :func:`select_detections` finds them, in tensor operations that export with
-    ONNX's ``NonMaxSuppression`` (:class:`ClassNMS`): from decoded boxes [B, A, 4] and probabilities [B, A, C] to
-    ``boxes`` [B, D, 4] (xyxy, input pixels), ``scores`` [B, D], ``labels`` [B, D] (int32) and ``count`` [B] (int32),
-    ``D = detections_per_img``, each image's best first; entries past its ``count`` are zeros.
+                     detections_per_img: int, nms_op: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The detections of a batch, as :func:`select_detections` finds them, in tensor operations that export: from
+    decoded boxes [B, A, 4] and probabilities [B, A, C] to ``boxes`` [B, D, 4] (xyxy, input pixels), ``scores``
+    [B, D], ``labels`` [B, D] (int32) and ``count`` [B] (int32), ``D = detections_per_img``, each image's best first;
+    entries past its ``count`` are zeros.
+
+    Candidates are the best :data:`FINAL_CANDIDATES` (anchor, class) pairs over all classes, each class's first
+    ``topk_candidates`` of them over the threshold: the same detections as :func:`select_detections` while they hold
+    the image's ``D`` survivors of NMS (greedy NMS decides each box from better ones only), and one top-k over the
+    pairs costs a tenth of a top-k per class. NMS: ONNX's ``NonMaxSuppression`` (``nms_op``, :class:`ClassNMS`) on
+    boxes moved apart by class, else :func:`tensor_nms`.
     """
-    foreground = scores[..., 1:].transpose(1, 2)  # [B, C - 1, A]
-    top = foreground.topk(min(topk_candidates, foreground.shape[-1]), dim=2).indices
-    candidates = torch.zeros_like(foreground).scatter(2, top, foreground.gather(2, top))  # each class's top-k only
-    image, label, anchor = ClassNMS.apply(boxes, candidates, detections_per_img, nms_thresh, score_thresh).unbind(1)
-    # each image's best: the top of a row that holds its survivors' scores, -1 elsewhere and in D padding columns
-    owner = image[None] == torch.arange(boxes.shape[0], device=boxes.device)[:, None]
-    rows = torch.where(owner, candidates[image, label, anchor], torch.tensor(-1.0, device=boxes.device))
-    best, order = torch.cat([rows, rows.new_full([rows.shape[0], detections_per_img], -1.0)], 1).topk(
-        detections_per_img, dim=1)
-    found = best >= 0
-    padded_boxes = torch.cat([boxes[image, anchor], boxes.new_zeros([detections_per_img, 4])])
-    padded_labels = torch.cat([label + 1, label.new_zeros([detections_per_img])])
-    return (padded_boxes[order] * found[..., None], best.clamp(min=0), (padded_labels[order] * found).int(),
+    count = min(max(FINAL_CANDIDATES, detections_per_img), scores.shape[1] * (scores.shape[2] - 1))
+    best, index = scores[..., 1:].flatten(1).topk(count, dim=1)  # [B, K], best first
+    # each pair's anchor and label, in float arithmetic (INT8 quantizers make integer scalars float constants): exact,
+    # as a quotient of integers under 2^24 is correctly rounded and a remainder moves it by 1 / classes at least
+    classes = scores.shape[2] - 1
+    anchor = torch.floor(index.float() / classes)
+    label = (index.float() - anchor * classes + 1).long()
+    anchor = anchor.long()
+    candidates = boxes.gather(1, anchor[..., None].expand(-1, -1, 4))  # [B, K, 4]
+    one_hot = (label[..., None] == torch.arange(1, classes + 1, device=scores.device)).float()  # [B, K, C - 1]
+    rank = (one_hot.cumsum(1) * one_hot).sum(2)  # 1 for a class's best pair, 2 for its second, ...
+    valid = (best > score_thresh) & (rank <= topk_candidates)
+    if nms_op:
+        apart = candidates + label[..., None] * (candidates.max() + 1)  # no overlap between classes
+        image, _, kept = ClassNMS.apply(apart, torch.where(valid, best, torch.zeros_like(best))[:, None],
+                                        detections_per_img, nms_thresh, score_thresh).unbind(1)
+        keep = torch.zeros_like(valid).index_put((image, kept), torch.ones_like(kept, dtype=torch.bool))
+    else:
+        keep = tensor_nms(candidates, label, valid, nms_thresh)
+    final, order = torch.where(keep, best, torch.full_like(best, -1.0)).topk(min(detections_per_img, count), dim=1)
+    found = final >= 0
+    pad = detections_per_img - final.shape[1]  # fewer candidates than D: zeros past them
+    return (F.pad(candidates.gather(1, order[..., None].expand(-1, -1, 4)) * found[..., None], (0, 0, 0, pad)),
+            F.pad(final.clamp(min=0), (0, pad)), F.pad((label.gather(1, order) * found).int(), (0, pad)),
             found.sum(1).int())
+
+
+def tensor_nms(boxes: Tensor, labels: Tensor, valid: Tensor, iou_thresh: float) -> Tensor:
+    """Greedy per-class NMS with matrix products alone (ExecuTorch and LiteRT have no NMS operator that their
+    exporters emit): of boxes [B, K, 4] ordered best first, their ``labels`` and ``valid`` [B, K], which survive.
+
+    Greedy NMS keeps a box if no kept, better box of its class overlaps it by more than ``iou_thresh``. From all valid
+    boxes, each round re-decides every box from the previous round's keeps: the best box's decision is final after
+    one round, any other's once those it depends on are, so :data:`TENSOR_NMS_ROUNDS` rounds give greedy NMS's result
+    unless a chain of suppressions is longer.
+    """
+    x1, y1, x2, y2 = boxes[..., None, :].unbind(-1)  # [B, K, 1] each, against the others' [B, 1, K]
+    width = (torch.minimum(x2, x2.transpose(1, 2)) - torch.maximum(x1, x1.transpose(1, 2))).clamp(min=0)
+    height = (torch.minimum(y2, y2.transpose(1, 2)) - torch.maximum(y1, y1.transpose(1, 2))).clamp(min=0)
+    area = (x2 - x1) * (y2 - y1)
+    overlap = width * height
+    iou = overlap / (area + area.transpose(1, 2) - overlap)
+    better = torch.ones(boxes.shape[1], boxes.shape[1], dtype=torch.bool, device=boxes.device).tril(-1)  # j before i
+    suppresses = ((iou > iou_thresh) & (labels[:, :, None] == labels[:, None, :]) & better).float()
+    keep = valid
+    for _ in range(TENSOR_NMS_ROUNDS):
+        keep = valid & (torch.bmm(suppresses, keep.float()[..., None])[..., 0] == 0)
+    return keep
 
 
 class ClassNMS(torch.autograd.Function):

@@ -144,13 +144,13 @@ class LRASPP(TaskModel):
         """Images [B, 3, H, W] (uint8, or float in [0, 1]) -> logits [B, num_classes, H, W]."""
         return (self(self.normalize(images)),)
 
-    def forward_postprocessed(self, images: Tensor) -> tuple[Tensor]:
+    def forward_postprocessed(self, images: Tensor, nms_op: bool = True) -> tuple[Tensor]:
         """RGB uint8 images [B, H, W, 3] -> the class of each pixel, uint8 [B, H, W]: the arg-max of the logits
         upsampled to the input size (bilinear), as :meth:`results` finds it. (The arg-max at stride 8, upsampled
         nearest, loses 3.9 mIoU on the built-in val set.)"""
         return (self.forward_batch(images.permute(0, 3, 1, 2))[0].argmax(1).to(torch.uint8),)
 
-    def forward_app(self, images: Tensor) -> tuple[Tensor]:
+    def forward_app(self, images: Tensor, nms_op: bool = True) -> tuple[Tensor]:
         """RGB uint8 images [B, H, W, 3] -> logits [B, H, W, num_classes] at the input size, channels last: what
         MediaPipe's ``ImageSegmenter`` reads (its metadata says to apply softmax for the confidences)."""
         return (self.forward_batch(images.permute(0, 3, 1, 2))[0].permute(0, 2, 3, 1),)
