@@ -4,8 +4,9 @@ Runs in a venv with mediapipe (and numpy, Pillow) alone: no torch, no mbbackbone
 
     python mediapipe_run.py detector|segmenter MODEL.tflite PHOTO... > results.json
 
-detector: per photo ``{"boxes": [[x0, y0, x1, y1], ...] (photo pixels), "scores", "labels" (the category index),
-"names"}``; segmenter: per photo ``{"mask": path of an .npy file of the category mask}`` (written beside MODEL).
+detector: per photo ``{"boxes": [[x0, y0, x1, y1], ...] (whole photo pixels), "scores", "names"}`` (the category
+names: the label file's lines); segmenter: per photo ``{"mask": path of an .npy file of the category mask,
+"labels"}`` (the .npy files beside MODEL).
 """
 import json
 import sys
@@ -25,15 +26,16 @@ def photo(path: str) -> mp.Image:
 
 
 def detect(model: str, photos: list) -> list:
+    """MediaPipe merges detections of one box into one with several categories: here one detection per category."""
     detector = vision.ObjectDetector.create_from_model_path(model)
     results = []
     for path in photos:
-        found = detector.detect(photo(path)).detections
-        results.append({
-            "boxes": [[d.bounding_box.origin_x, d.bounding_box.origin_y, d.bounding_box.origin_x + d.bounding_box.width,
-                       d.bounding_box.origin_y + d.bounding_box.height] for d in found],
-            "scores": [d.categories[0].score for d in found], "labels": [d.categories[0].index for d in found],
-            "names": [d.categories[0].category_name for d in found]})
+        detections = detector.detect(photo(path)).detections
+        found = [(d.bounding_box, category) for d in detections for category in d.categories]
+        results.append({"boxes": [[box.origin_x, box.origin_y, box.origin_x + box.width, box.origin_y + box.height]
+                                  for box, _ in found],
+                        "scores": [category.score for _, category in found],
+                        "names": [category.category_name for _, category in found]})
     return results
 
 
