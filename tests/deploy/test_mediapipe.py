@@ -16,7 +16,7 @@ import torch
 from conftest import REAL
 from PIL import Image
 from test_postprocessed import trained_like  # noqa: F401  (a fixture)
-from test_runtimes import SEGMENTER, SIZES, calibration, models  # noqa: F401  (a fixture)
+from test_runtimes import DETECTOR, SEGMENTER, SIZES, calibration, models  # noqa: F401  (a fixture)
 from torchvision.ops import box_iou
 
 from heads.assets import SAMPLE_IMAGES
@@ -126,12 +126,15 @@ def test_litert_files_hold_their_metadata_and_old_sidecars_still_load(segmenter_
 # -- detection ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def detector_files(trained_like, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
-    """The trained-like SSDLite of test_postprocessed as tools/export.py writes a .tflite by default, fp32 and INT8."""
-    model, images = trained_like
+def detectors(trained_like, models, tmp_path_factory) -> dict[str, tuple]:  # noqa: F811
+    """(model, .tflite file as tools/export.py writes it by default): fp32, the trained-like SSDLite of
+    test_postprocessed (few candidates: no near-ties that NMS may order either way); INT8, the small spread one of
+    test_runtimes (converts faster)."""
     folder = tmp_path_factory.mktemp("detector")
-    return {"fp32": runtimes.export(model, folder / "ssdlite.tflite"),
-            "int8": runtimes.export(model, folder / "ssdlite.int8.tflite", int8=True, calibration=images)}
+    small = models[DETECTOR]
+    return {"fp32": (trained_like[0], runtimes.export(trained_like[0], folder / "ssdlite.tflite")),
+            "int8": (small, runtimes.export(small, folder / "ssdlite.int8.tflite", int8=True,
+                                            calibration=calibration(DETECTOR, small)))}
 
 
 def matched(expected: dict, got: dict, floor: float) -> bool:
@@ -152,13 +155,13 @@ def as_detections(found: dict, categories: list) -> dict:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_mediapipes_object_detector_finds_the_predictors_detections(precision, mediapipe_python, detector_files,
-                                                                    trained_like, tmp_path):  # noqa: F811
+def test_mediapipes_object_detector_finds_the_predictors_detections(precision, mediapipe_python, detectors,
+                                                                    tmp_path):
     """``ObjectDetector`` with the file's path alone, on the real photos (at the input size): the same detections
     (label, box IoU >= 0.95, score within 0.02), all of them, as the PyTorch Predictor for fp32, as our own LiteRT
     run of the same file for INT8."""
-    model = trained_like[0]
-    path, photos = detector_files[precision], resized(tmp_path, model.size, model.size)
+    model, path = detectors[precision]
+    photos = resized(tmp_path, model.size, model.size)
     reference = Predictor(model, device="cpu") if precision == "fp32" else Predictor(path)
     expected = reference(photos)
     found = mediapipe(mediapipe_python, "detector", path, photos)
