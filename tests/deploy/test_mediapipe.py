@@ -170,3 +170,36 @@ def test_mediapipes_object_detector_finds_the_predictors_detections(precision, m
         # near the threshold or the detection cap, float noise may keep a detection that the other drops
         cut = ours.scores[-1] if len(ours.scores) == model.detections_per_img else model.score_thresh
         assert matched(ours.__dict__, as_detections(theirs, ours.categories), cut + 1e-4)
+
+
+def test_the_output_contract_of_the_litert_files(detectors, segmenter_file, trained_like):  # noqa: F811
+    """The tensors the README documents, as LiteRT's interpreter reports them, in MediaPipe's order: the detector's
+    locations (ratios, best first), categories (label - 1), scores and number of detections, zeros past it; the
+    segmenter's channels-last logits."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, path = detectors["fp32"]
+    interpreter = Interpreter(str(path))
+    interpreter.allocate_tensors()
+    described = lambda details: [(d["dtype"].__name__, d["shape"].tolist()) for d in details]  # noqa: E731
+    assert described(interpreter.get_input_details()) == [("uint8", [1, 320, 320, 3])]
+    assert described(interpreter.get_output_details()) == [("float32", [1, 300, 4]), ("float32", [1, 300]),
+                                                           ("float32", [1, 300]), ("float32", [1])]
+    assert runtimes.read_metadata(path)["outputs"] == ["locations", "categories", "scores", "num_detections"]
+    image = trained_like[1][1]  # the kitten photo, [1, 3, 320, 320] in [0, 1]: fewer detections than the cap
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           np.ascontiguousarray((image * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)))
+    interpreter.invoke()
+    locations, categories, scores, count = (interpreter.get_tensor(d["index"])[0]
+                                            for d in interpreter.get_output_details())
+    found = int(count)
+    assert 0 < found < 300 and float(count) == found
+    assert (locations[:found] >= 0).all() and (locations[:found] <= 1).all()
+    assert (locations[:found, 2:] >= locations[:found, :2]).all()  # ymax >= ymin, xmax >= xmin
+    assert (categories[:found] == np.round(categories[:found])).all()
+    assert (categories[:found] >= 0).all() and (categories[:found] <= model.num_classes - 2).all()
+    assert (np.diff(scores[:found]) <= 0).all() and (scores[:found] > model.score_thresh).all()
+    assert not locations[found:].any() and not categories[found:].any() and not scores[found:].any()
+    interpreter = Interpreter(str(segmenter_file))
+    assert described(interpreter.get_input_details()) == [("uint8", [1, *SIZES[SEGMENTER], 3])]
+    assert described(interpreter.get_output_details()) == [("float32", [1, *SIZES[SEGMENTER], 19])]
