@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers.attention2d import MultiQueryAttention2d
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
@@ -208,6 +209,26 @@ class _BoxCoder(BoxCoder):
         return torch.cat([centres - half, centres + half], dim=2).reshape(-1, 4)
 
 
+class _SharedKeyAttention(nn.Module):
+    """timm's multi-query attention (MobileNetV4 hybrids) with the heads folded into the query positions, so that
+    queries meet the one key and value in 3-D matrix products, where timm's broadcast them over the heads
+    (BROADCAST_TO, which the GPU delegate rejects); the same arithmetic, rounded as the runtime's kernels round."""
+
+    def __init__(self, attention: MultiQueryAttention2d):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: Tensor) -> Tensor:
+        attention, batch = self.attention, x.shape[0]
+        height, width = x.shape[2] // attention.query_strides[0], x.shape[3] // attention.query_strides[1]
+        queries = attention.query(x).reshape(batch, attention.num_heads, attention.key_dim, -1).transpose(2, 3)
+        keys = attention.key(x).flatten(2)  # [B, key_dim, key positions]
+        values = attention.value(x).flatten(2).transpose(1, 2)  # [B, key positions, value_dim]
+        weights = (queries.reshape(batch, -1, attention.key_dim) * attention.scale @ keys).softmax(-1)
+        out = (weights @ values).reshape(batch, attention.num_heads, height * width, -1).transpose(1, 2)
+        return attention.output(out.reshape(batch, height, width, -1).permute(0, 3, 1, 2))
+
+
 class _Constant(nn.Module):
     """What a module returned for the export size (SSDLite's default boxes), held as constants; called for another
     size, an error."""
@@ -238,12 +259,15 @@ def _tensors(value) -> list[Tensor]:
 def for_gpu_delegate(model: nn.Module, size: tuple[int, int]) -> nn.Module:
     """``model`` (a copy, as :func:`fold_batchnorm` makes; changed in place) rewritten for LiteRT's GPU delegate,
     for graphs of one image of ``size``, with the same numbers: torchvision's SSD scoring heads and box coder work
-    in 4-D (no 5-D tensors, no 2-D slices) and default box generators become their boxes at ``size``, constants
-    (no BROADCAST_TO or slices computing them). A model without these parts is returned as it is."""
+    in 4-D (no 5-D tensors, no 2-D slices), default box generators become their boxes at ``size``, constants (no
+    BROADCAST_TO or slices computing them), and timm's multi-query attention multiplies without broadcasting. A
+    model without these parts is returned as it is."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SSDScoringHead):
                 setattr(parent, name, _ScoringHead(child))
+            elif type(child) is MultiQueryAttention2d:
+                setattr(parent, name, _SharedKeyAttention(child))
         for name, value in list(vars(parent).items()):
             if type(value) is BoxCoder:  # not subclasses that do more
                 setattr(parent, name, _BoxCoder(value.weights, value.bbox_xform_clip))
