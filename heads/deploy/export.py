@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -265,9 +266,9 @@ def for_gpu_delegate(model: nn.Module, size: tuple[int, int]) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SSDScoringHead):
-                setattr(parent, name, _ScoringHead(child))
+                setattr(parent, name, _ScoringHead(child).train(child.training))
             elif type(child) is MultiQueryAttention2d:
-                setattr(parent, name, _SharedKeyAttention(child))
+                setattr(parent, name, _SharedKeyAttention(child).train(child.training))
         for name, value in list(vars(parent).items()):
             if type(value) is BoxCoder:  # not subclasses that do more
                 setattr(parent, name, _BoxCoder(value.weights, value.bbox_xform_clip))
@@ -289,7 +290,7 @@ def for_gpu_delegate(model: nn.Module, size: tuple[int, int]) -> nn.Module:
                 hook.remove()
         for name, (inputs, outputs) in calls.items():
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, _Constant(inputs, outputs))
+            setattr(model.get_submodule(parent), child, _Constant(inputs, outputs).train(generators[name].training))
     return model
 
 
@@ -445,6 +446,32 @@ class _Within:
 
     def prepare_obs_or_fq_callback(self, model, edge_or_node_to_obs_or_fq) -> None:
         self.quantizer.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
+
+
+class TfliteOperator(NamedTuple):
+    """One operator of a LiteRT flatbuffer: its builtin name, the shapes of its input and output tensors (inputs
+    absent in the file left out) and the name of its first output, which names the PyTorch module it comes from."""
+
+    name: str
+    inputs: list[tuple[int, ...]]
+    outputs: list[tuple[int, ...]]
+    tensor: str
+
+
+def tflite_operators(path: str | Path) -> list[TfliteOperator]:
+    """The operators of a ``.tflite`` file's main graph, in order (``print(*tflite_operators(path), sep="\\n")``)."""
+    schema = require("ai_edge_litert.schema_py_generated", "tflite")
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    # codes below 127 may sit in the deprecated byte only; the larger of the two is the operator
+    codes = [names[max(code.builtinCode, code.deprecatedBuiltinCode)] for code in model.operatorCodes]
+    graph = model.subgraphs[0]
+
+    def shapes(indices) -> list[tuple[int, ...]]:
+        return [tuple(int(d) for d in graph.tensors[i].shape) for i in indices if i >= 0]
+
+    return [TfliteOperator(codes[op.opcodeIndex], shapes(op.inputs), shapes(op.outputs),
+                           graph.tensors[op.outputs[0]].name.decode()) for op in graph.operators]
 
 
 # -- the formats --------------------------------------------------------------------------------------------------
