@@ -12,10 +12,11 @@ pytest.importorskip("litert_torch")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The operators that LiteRT's GPU delegate accepts, from CheckGpuDelegateCompatibility in
-# tensorflow/lite/tools/versioning/gpu_compatibility.cc (tensorflow/tensorflow, commit 03a5e4e19a9c8200e13c85f1c637877fdf589be6;
-# the delegate's model_builder.cc defers to it). Left out: the operators it accepts only under conditions this test does
-# not read (GATHER, CAST, SELECT, ONE_HOT, STRIDED_SLICE's masks, quantization and custom ops), so that one turning up
-# fails here and gets a look. The delegate's tensors are BHWC: at most 4 dimensions.
+# tensorflow/lite/tools/versioning/gpu_compatibility.cc (tensorflow/tensorflow at commit
+# 03a5e4e19a9c8200e13c85f1c637877fdf589be6; the delegate's model_builder.cc defers to it). Left out: the operators it
+# accepts only under conditions this test does not read (GATHER, CAST, SELECT, ONE_HOT, STRIDED_SLICE's masks,
+# quantization and custom ops), so that one turning up fails here and gets a look. The delegate's tensors are BHWC: at
+# most 4 dimensions.
 GPU_DELEGATE_OPS = {
     "ABS", "ADD", "ADD_N", "ATAN2", "AVERAGE_POOL_2D", "BATCH_MATMUL", "CEIL", "CONCATENATION", "CONV_2D", "COS",
     "DEPTH_TO_SPACE", "DEPTHWISE_CONV_2D", "DIV", "ELU", "EQUAL", "EXP", "FLOOR", "FLOOR_DIV", "FLOOR_MOD",
