@@ -13,7 +13,8 @@ always for classifiers and backbones) take images float32 [B, 3, H, W] in [0, 1]
 - backbone (a ``features_only`` network): ``features0``, ``features1``, ...
 
 BatchNorm is folded into the convs first. ONNX and OpenVINO keep the batch dynamic (and H, W where
-:func:`dynamic_size` allows); ExecuTorch and LiteRT graphs take one image of the export size.
+:func:`dynamic_size` allows); ExecuTorch and LiteRT graphs take one image of the export size. LiteRT graphs are
+rewritten for its GPU delegate first (:func:`for_gpu_delegate`): every operator of a raw graph is one it runs.
 
 INT8 (post-training, static, calibrated on images as the graph takes them) quantizes every layer up to the last
 convolutions; what follows them (box decoding, softmax, the final resize and sum) stays in float, which keeps
@@ -34,12 +35,17 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers.attention2d import MultiQueryAttention2d
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSDScoringHead
 
 from mbbackbones.choices import ArgumentError
 
@@ -176,6 +182,122 @@ def graph_input(batch: np.ndarray, postprocess: bool) -> np.ndarray:
 def _graph_inputs(calibration: Iterable[np.ndarray], postprocess: bool) -> list[np.ndarray]:
     """Calibration batches (float32 [B, 3, H, W] in [0, 1]) as a graph takes them (:func:`graph_input`)."""
     return [graph_input(batch, postprocess) for batch in calibration]
+
+
+# -- LiteRT's GPU delegate ---------------------------------------------------------------------------------------
+
+class _ScoringHead(nn.Module):
+    """torchvision's SSD scoring head whose [B, A * K, H, W] -> [B, H * W * A, K] goes through channels last, 4-D,
+    instead of a 5-D view (which the GPU delegate rejects): the same numbers in the same order."""
+
+    def __init__(self, head: SSDScoringHead):
+        super().__init__()
+        self.module_list, self.num_columns = head.module_list, head.num_columns
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        return torch.cat([module(features).permute(0, 2, 3, 1).reshape(features.shape[0], -1, self.num_columns)
+                          for module, features in zip(self.module_list, x)], dim=1)
+
+
+class _BoxCoder(BoxCoder):
+    """torchvision's box decoding on [1, N, 2, 2] views ((x, y) pairs of centre and size): 4-D slices, where
+    torchvision's slice [N, 4] (2-D slices, which the GPU delegate rejects); the same arithmetic."""
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        corners = boxes.to(rel_codes.dtype).reshape(1, -1, 2, 2)  # (x1, y1), (x2, y2)
+        sizes = corners[:, :, 1:] - corners[:, :, :1]
+        centres = corners[:, :, :1] + 0.5 * sizes
+        deltas = rel_codes.reshape(1, -1, 2, 2)  # (dx, dy), (dw, dh)
+        weights = deltas.new_tensor(self.weights).reshape(2, 2)
+        centre_deltas = deltas[:, :, :1] / weights[:1]
+        size_deltas = torch.clamp(deltas[:, :, 1:] / weights[1:], max=self.bbox_xform_clip)
+        centres = centre_deltas * sizes + centres
+        half = 0.5 * (torch.exp(size_deltas) * sizes)
+        return torch.cat([centres - half, centres + half], dim=2).reshape(-1, 4)
+
+
+class _SharedKeyAttention(nn.Module):
+    """timm's multi-query attention (MobileNetV4 hybrids) with the heads folded into the query positions, so that
+    queries meet the one key and value in 3-D matrix products, where timm's broadcast them over the heads
+    (BROADCAST_TO, which the GPU delegate rejects); the same arithmetic, rounded as the runtime's kernels round."""
+
+    def __init__(self, attention: MultiQueryAttention2d):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: Tensor) -> Tensor:
+        attention, batch = self.attention, x.shape[0]
+        height, width = x.shape[2] // attention.query_strides[0], x.shape[3] // attention.query_strides[1]
+        queries = attention.query(x).reshape(batch, attention.num_heads, attention.key_dim, -1).transpose(2, 3)
+        keys = attention.key(x).flatten(2)  # [B, key_dim, key positions]
+        values = attention.value(x).flatten(2).transpose(1, 2)  # [B, key positions, value_dim]
+        weights = (queries.reshape(batch, -1, attention.key_dim) * attention.scale @ keys).softmax(-1)
+        out = (weights @ values).reshape(batch, attention.num_heads, height * width, -1).transpose(1, 2)
+        return attention.output(out.reshape(batch, height, width, -1).permute(0, 3, 1, 2))
+
+
+class _Constant(nn.Module):
+    """What a module returned for the export size (SSDLite's default boxes), held as constants; called for another
+    size, an error."""
+
+    def __init__(self, inputs: Sequence[Tensor], outputs: Sequence[Tensor]):
+        super().__init__()
+        self.shapes = [tensor.shape for tensor in inputs]
+        for i, output in enumerate(outputs):
+            self.register_buffer(f"output{i}", output, persistent=False)
+        self.count = len(outputs)
+
+    def forward(self, *inputs) -> list[Tensor]:
+        shapes = [tensor.shape for tensor in _tensors(inputs)]
+        if shapes != self.shapes:
+            raise RuntimeError(f"constant for inputs of shapes {self.shapes}, called with {shapes}")
+        return [getattr(self, f"output{i}") for i in range(self.count)]
+
+
+def _tensors(value) -> list[Tensor]:
+    """The tensors in ``value``, nested in sequences or in an ``ImageList``, in order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return _tensors(value.tensors) if hasattr(value, "tensors") else []
+
+
+def for_gpu_delegate(model: nn.Module, size: tuple[int, int]) -> nn.Module:
+    """``model`` (a copy, as :func:`fold_batchnorm` makes; changed in place) rewritten for LiteRT's GPU delegate,
+    for graphs of one image of ``size``, with the same numbers: torchvision's SSD scoring heads and box coder work
+    in 4-D (no 5-D tensors, no 2-D slices), default box generators become their boxes at ``size``, constants (no
+    BROADCAST_TO or slices computing them), and timm's multi-query attention multiplies without broadcasting. A
+    model without these parts is returned as it is."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SSDScoringHead):
+                setattr(parent, name, _ScoringHead(child).train(child.training))
+            elif type(child) is MultiQueryAttention2d:
+                setattr(parent, name, _SharedKeyAttention(child).train(child.training))
+        for name, value in list(vars(parent).items()):
+            if type(value) is BoxCoder:  # not subclasses that do more
+                setattr(parent, name, _BoxCoder(value.weights, value.bbox_xform_clip))
+    generators = {name: module for name, module in model.named_modules() if isinstance(module, DefaultBoxGenerator)}
+    if generators:
+        calls = {}
+
+        def record(name: str):
+            def hook(module, inputs, outputs) -> None:
+                calls[name] = _tensors(inputs), outputs
+            return hook
+
+        hooks = [module.register_forward_hook(record(name)) for name, module in generators.items()]
+        try:
+            with torch.no_grad():
+                DeployGraph(model)(_example(model, size))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, (inputs, outputs) in calls.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _Constant(inputs, outputs).train(generators[name].training))
+    return model
 
 
 def export_onnx(model: nn.Module, path: str | Path, size: int | Sequence[int] | None = None,
@@ -332,6 +454,32 @@ class _Within:
         self.quantizer.prepare_obs_or_fq_callback(model, edge_or_node_to_obs_or_fq)
 
 
+class TfliteOperator(NamedTuple):
+    """One operator of a LiteRT flatbuffer: its builtin name, the shapes of its input and output tensors (inputs
+    absent in the file left out) and the name of its first output, which names the PyTorch module it comes from."""
+
+    name: str
+    inputs: list[tuple[int, ...]]
+    outputs: list[tuple[int, ...]]
+    tensor: str
+
+
+def tflite_operators(path: str | Path) -> list[TfliteOperator]:
+    """The operators of a ``.tflite`` file's main graph, in order (``print(*tflite_operators(path), sep="\\n")``)."""
+    schema = require("ai_edge_litert.schema_py_generated", "tflite")
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    # codes below 127 may sit in the deprecated byte only; the larger of the two is the operator
+    codes = [names[max(code.builtinCode, code.deprecatedBuiltinCode)] for code in model.operatorCodes]
+    graph = model.subgraphs[0]
+
+    def shapes(indices) -> list[tuple[int, ...]]:
+        return [tuple(int(d) for d in graph.tensors[i].shape) for i in indices if i >= 0]
+
+    return [TfliteOperator(codes[op.opcodeIndex], shapes(op.inputs), shapes(op.outputs),
+                           graph.tensors[op.outputs[0]].name.decode()) for op in graph.operators]
+
+
 # -- the formats --------------------------------------------------------------------------------------------------
 
 def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], calibration=None, postprocess: bool = False,
@@ -397,11 +545,13 @@ def write_executorch(model: nn.Module, path: Path, size: tuple[int, int], calibr
 
 def write_tflite(model: nn.Module, path: Path, size: tuple[int, int], calibration=None,
                  postprocess: bool = False) -> None:
-    """A LiteRT (TFLite) flatbuffer converted by litert-torch; INT8 through PT2E with its quantizer. With
-    ``postprocess``, a task model's ``forward_app`` (what MediaPipe's tasks read)."""
+    """A LiteRT (TFLite) flatbuffer converted by litert-torch, rewritten for its GPU delegate
+    (:func:`for_gpu_delegate`); INT8 through PT2E with its quantizer. With ``postprocess``, a task model's
+    ``forward_app`` (what MediaPipe's tasks read)."""
     litert_torch = require("litert_torch", "tflite")
-    graph = DeployGraph(fold_batchnorm(model), postprocess, nms_op=False, app=True).cpu().eval()
-    example = _example(model, size, postprocess).cpu()
+    model = fold_batchnorm(model).cpu()
+    graph = DeployGraph(for_gpu_delegate(model, size), postprocess, nms_op=False, app=True).eval()
+    example = _example(model, size, postprocess)
     options = {}
     if calibration is not None:
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config

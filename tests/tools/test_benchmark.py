@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS
+from benchmarking.harness import COUNTERPARTS, FEATURE_ROWS, outside_share
 from benchmarking.workloads import (
     DETECTOR,
     QUICK,
@@ -28,6 +28,7 @@ from conftest import same_detections
 from heads.assets import SAMPLE_IMAGES
 from heads.data import read_image
 from heads.detection.ssdlite import detection_agreement
+from heads.results import Detections, Timings
 from mbbackbones.profile import count_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def test_deployment_rows_do_the_same_work():
     variants = [f"{format} {precision}" for format in QUICK.deploy_formats for precision in ("fp32", "int8")]
     assert [(c.model, c.variant) for c in detect.contenders] == [(DETECTOR, v) for v in variants] + [
         (V4_DETECTOR, v) for v in variants]
-    assert [c.target for c in detect.contenders] == [0.25, 0.2] * len(QUICK.deploy_formats) + [None] * len(variants)
+    assert [c.target for c in detect.contenders] == [0.2, 0.1] * len(QUICK.deploy_formats) + [None] * len(variants)
     assert [w.reference for w in classify] == ["torchvision mobilenet_v3_large", "timm mobilenetv4_conv_small"]
     for workload in classify:  # ours carries the reference's weights
         torch.testing.assert_close(workload.contenders[0].call(), workload.reference_call(), rtol=1e-4, atol=1e-4)
@@ -125,6 +126,14 @@ def test_deployment_rows_do_the_same_work():
     for contender in segment.contenders:
         agreement = (masks(contender.call()) == expected[contender.model]).float().mean()
         assert agreement > (0.99 if "fp32" in contender.variant else 0.8), contender.variant
+
+
+def test_outside_share_reads_the_predictors_timings():
+    """The median over results of (pre-process + post-process) / total; None for a call without Predictor results."""
+    timings = [Timings(1.0, 8.0, 1.0), Timings(3.0, 6.0, 1.0), Timings(0.5, 9.0, 0.5)]  # 20%, 40%, 10%
+    results = [Detections(image=None, path=None, categories=[], timings=t) for t in timings]
+    assert outside_share(lambda: results, repeats=1) == pytest.approx(0.2)
+    assert outside_share(lambda: torch.zeros(3)) is None
 
 
 def test_op_breakdown_names_the_kernels(tmp_path):
@@ -162,3 +171,8 @@ def test_quick_benchmark_runs(tmp_path):
                                             "onnx int8", "openvino fp32", "openvino int8"}
     assert all(r["ms_median"] > 0 and r["reference_ms_median"] > 0 for r in rows)
     assert all(r["images_per_s"] > 0 for r in rows if r["task"] == "train")
+    predictors = [r for r in rows if r["variant"] == "Predictor" or
+                  r["task"] == "deploy" and r["model"] in (DETECTOR, SEGMENTER, V4_DETECTOR, V4_SEGMENTER)]
+    assert predictors and all(0 < r["outside"] < 1 for r in predictors)
+    assert not any("outside" in r for r in rows if r not in predictors)
+    assert "outside the model call" in result.stdout

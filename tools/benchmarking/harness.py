@@ -49,6 +49,7 @@ FEATURE_ROWS = {
                    lambda: timm.create_model("mobilenetv3_large_100", features_only=True)),
 }
 EAGER_TARGET = 1.0  # PyTorch eager: ours at most as slow as the reference
+OUTSIDE_TARGET = 0.10  # a Predictor: at most this share of its time outside the model (runtime) call
 
 
 class Contender(NamedTuple):
@@ -152,13 +153,27 @@ def latencies_ms(calls: list[Callable[[], object]], repeats: int, warmup: int = 
     return [(statistics.median(column), min(column)) for column in zip(*times)]
 
 
+def outside_share(call: Callable[[], object], repeats: int = 5) -> float | None:
+    """The median share of a ``heads.Predictor`` call's time spent outside its model (or runtime) call, from its
+    results' timings (decoding, resizing, mapping the results back); None for a call that returns no such results."""
+    shares = []
+    for _ in range(repeats):
+        results = call()
+        if not isinstance(results, list) or not all(getattr(result, "timings", None) for result in results):
+            return None
+        shares += [1 - result.timings.model_ms / result.timings.total_ms for result in results]
+    return statistics.median(shares)
+
+
 def measure(workload: Workload, repeats: int, budget_s: float = float("inf")) -> list[dict]:
-    """One row per contender: its size, its latency and the reference's, and their ratio."""
+    """One row per contender: its size, its latency and the reference's, their ratio, and for a Predictor the share
+    of its time outside the model call."""
     calls = [workload.reference_call, *(c.call for c in workload.contenders)]
     with torch.inference_mode(not workload.training):
         (reference_median, reference_min), *ours = latencies_ms(calls, repeats, workload.warmup, budget_s)
+        outside = [None if workload.training else outside_share(c.call) for c in workload.contenders]
     rows = []
-    for contender, (median, low) in zip(workload.contenders, ours):
+    for contender, (median, low), share in zip(workload.contenders, ours, outside):
         row = dict(task=workload.task, model=contender.model, variant=contender.variant, input=workload.input,
                    batch=workload.batch, params=contender.params, madds_m=contender.madds_m,
                    published=workload.published._asdict() if workload.published else None,
@@ -171,6 +186,8 @@ def measure(workload: Workload, repeats: int, budget_s: float = float("inf")) ->
                        reference_images_per_s=round(workload.batch * 1e3 / reference_median, 2))
         elif contender.madds_m:  # two flops per multiply-add, over the whole call (pre- and post-processing too)
             row["gflops"] = round(2 * contender.madds_m * 1e6 * workload.batch / (median / 1e3) / 1e9, 1)
+        if share is not None:
+            row["outside"] = round(share, 3)
         rows.append(row)
     return rows
 
@@ -216,6 +233,13 @@ def _ratio(row: dict) -> str:
     return text
 
 
+def _outside(row: dict) -> str:
+    if "outside" not in row:
+        return "—"
+    verdict = "meets" if row["outside"] <= OUTSIDE_TARGET else "misses"
+    return f"{100 * row['outside']:.1f}% ({verdict} ≤ {100 * OUTSIDE_TARGET:.0f}%)"
+
+
 def markdown(result: dict) -> str:
     """One table per task; published numbers cite their sources below the table."""
     info = result["machine"]
@@ -229,6 +253,8 @@ def markdown(result: dict) -> str:
         header = ["model", "variant", "input", "batch", "params", "MAdds", "published params / MAdds (metric)",
                   "ms (median / min)", "reference", "ref ms (median / min)", "ratio (median / min)"]
         header += ["img/s (ours / ref)"] if training else ["GFLOP/s (% of sgemm peak)"]
+        outside = any("outside" in row for row in rows)
+        header += ["outside the model call"] * outside
         lines += ["", f"### {task}", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join("---" if h in ("model", "variant", "input", "reference") else "---:" for h in header)
                   + "|"]
@@ -244,6 +270,8 @@ def markdown(result: dict) -> str:
                 cells.append(f"{row['images_per_s']} / {row['reference_images_per_s']}")
             else:
                 cells.append(f"{row['gflops']} ({100 * row['gflops'] / peak:.0f}%)" if row.get("gflops") else "—")
+            if outside:
+                cells.append(_outside(row))
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines += [""] * bool(sources) + [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
     return "\n".join(lines)
