@@ -152,6 +152,7 @@ class DeployGraph(nn.Module):
         self.postprocess = postprocessed(model, postprocess)
         self.nms_op, self.app = nms_op, app
         self.normalize = None if isinstance(model, TaskModel) else normalizer(model)
+        self.eval()  # as the model it wraps (converters ask the top module)
 
     def forward(self, images: Tensor):
         if self.postprocess:

@@ -440,14 +440,18 @@ def final_detections(boxes: Tensor, scores: Tensor, score_thresh: float, nms_thr
     pairs costs a tenth of a top-k per class. NMS: ONNX's ``NonMaxSuppression`` (``nms_op``, :class:`ClassNMS`) on
     boxes moved apart by class, else :func:`tensor_nms`.
     """
-    count = min(max(FINAL_CANDIDATES, detections_per_img), scores.shape[1] * (scores.shape[2] - 1))
-    best, index = scores[..., 1:].flatten(1).topk(count, dim=1)  # [B, K], best first
+    classes = scores.shape[2] - 1
+    count = min(max(FINAL_CANDIDATES, detections_per_img), scores.shape[1] * classes)
+    # the best K pairs lie on the K anchors of best maximum (an anchor holding one has its maximum over the K-th score)
+    foreground = scores[..., 1:]
+    anchors = foreground.amax(2).topk(min(count, scores.shape[1]), dim=1).indices  # [B, K']
+    pairs = foreground.gather(1, anchors[..., None].expand(-1, -1, classes))  # [B, K', C - 1]
+    best, index = pairs.flatten(1).topk(count, dim=1)  # [B, K], best first
     # each pair's anchor and label, in float arithmetic (INT8 quantizers make integer scalars float constants): exact,
     # as a quotient of integers under 2^24 is correctly rounded and a remainder moves it by 1 / classes at least
-    classes = scores.shape[2] - 1
-    anchor = torch.floor(index.float() / classes)
-    label = (index.float() - anchor * classes + 1).long()
-    anchor = anchor.long()
+    row = torch.floor(index.float() / classes)
+    label = (index.float() - row * classes + 1).long()
+    anchor = anchors.gather(1, row.long())
     candidates = boxes.gather(1, anchor[..., None].expand(-1, -1, 4))  # [B, K, 4]
     one_hot = (label[..., None] == torch.arange(1, classes + 1, device=scores.device)).float()  # [B, K, C - 1]
     rank = (one_hot.cumsum(1) * one_hot).sum(2)  # 1 for a class's best pair, 2 for its second, ...
